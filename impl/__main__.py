@@ -1,0 +1,39 @@
+"""python -m impl: the project's runnable entry points.
+
+python -m impl --help          this list
+python -m impl NAME [ARGS...]  run one (each takes --help)
+"""
+
+import importlib
+import sys
+
+# name -> (module run as `python -m MODULE`, one line on what it does). Add each new entry point here.
+ENTRY_POINTS: dict[str, tuple[str, str]] = {
+    "bench": ("impl.bench", "run the benchmarks on the available device, then render the report (the main job)"),
+    "report": ("impl.report", "render pytest-benchmark JSON files into a markdown report with plots"),
+}
+
+
+def usage() -> str:
+    width = max(len(n) for n in ENTRY_POINTS)
+    lines = ["usage: python -m impl NAME [ARGS...]   (python -m impl NAME --help for each)", "", "entry points:"]
+    lines += [f"  {name:<{width}}  {text}   [python -m {module}]" for name, (module, text) in ENTRY_POINTS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in ENTRY_POINTS:
+        print(f"error: unknown entry point {name!r}; expected one of {sorted(ENTRY_POINTS)}\n", file=sys.stderr)
+        print(usage(), file=sys.stderr)
+        return 2
+    module = importlib.import_module(ENTRY_POINTS[name][0])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The main job: run the benchmarks on the available device, then render the report.
+
+    python -m impl bench [--size smoke|small|full] [--device auto|cpu|cuda] [--out reports] [-k EXPR]
+
+Writes `<out>/bench-<device>-<size>.json` and renders every `bench-*.json` in `<out>` (a CPU run and a GPU run
+side by side) into `<out>/README.md`.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from impl.common import DEVICE_CHOICES, SIZE_CHOICES, resolve_device, resolve_size
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m impl bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=SIZE_CHOICES, default=None, help="default: small on CPU, full on CUDA")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    parser.add_argument("--out", default=str(ROOT / "reports"), help="folder for the JSON and the report")
+    parser.add_argument("-k", dest="keyword", default=None, help="only benchmarks matching this pytest -k expression")
+    parser.add_argument("pytest_args", nargs="*", help="passed on to pytest (after --)")
+    args = parser.parse_args(argv)
+
+    benches = ROOT / "benches"
+    if not benches.is_dir():
+        print(f"error: no benches/ folder at {benches}; run from a checkout (pip install -e .)", file=sys.stderr)
+        return 2
+    import pytest
+
+    from impl.report import ReportError, load_run, render
+
+    device = resolve_device(args.device)
+    size = resolve_size(args.size, device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"bench-{device.type}-{size}.json"
+    pytest_args = [
+        str(benches),
+        f"--device={args.device}",
+        f"--size={size}",
+        f"--benchmark-json={json_path}",
+        "--timeout=3600",
+        "-p",
+        "no:cacheprovider",
+        "-v",
+        *(["-k", args.keyword] if args.keyword else []),
+        *args.pytest_args,
+    ]
+    code = pytest.main(pytest_args)
+    if code != 0:
+        print(f"error: benchmarks failed (pytest exit {int(code)}); report not rendered", file=sys.stderr)
+        return int(code)
+    try:
+        runs = [load_run(p) for p in sorted(out.glob("bench-*.json"))]
+        path = render(runs, out)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

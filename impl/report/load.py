@@ -1,0 +1,136 @@
+"""Reading pytest-benchmark JSON into one row per benchmark.
+
+Any pytest-benchmark file is accepted. Our benches add `extra_info` keys (variant, params, sweep, peak_bytes,
+throughput, baseline, reference, metrics, oom); a file without them still loads, and the columns it lacks are
+left out of its tables.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ReportError(ValueError):
+    """A benchmark file that cannot be rendered; the message is one line naming the file."""
+
+
+@dataclass
+class Row:
+    group: str
+    name: str
+    variant: str
+    params: dict
+    sweep: str | None
+    median_s: float | None
+    peak_bytes: int | None = None
+    throughput: float | None = None
+    throughput_unit: str | None = None
+    baseline: bool = False
+    reference: bool = False
+    oom: bool = False
+    dtype: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    path: Path
+    label: str
+    header: dict
+    rows: list[Row]
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def load_run(path: str | Path) -> Run:
+    """Parse one pytest-benchmark JSON file; a clear ReportError if it is missing, empty or not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReportError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ReportError(f"{path}: the file is empty; expected pytest-benchmark JSON (--benchmark-json)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    benchmarks = data.get("benchmarks") if isinstance(data, dict) else None
+    if not isinstance(benchmarks, list) or not isinstance(data.get("machine_info"), dict):
+        raise ReportError(
+            f"{path}: not pytest-benchmark output (expected an object with 'machine_info' and a 'benchmarks' list)"
+        )
+    rows = []
+    for i, bench in enumerate(benchmarks):
+        if not isinstance(bench, dict) or not isinstance(bench.get("stats"), dict) or "name" not in bench:
+            raise ReportError(f"{path}: benchmark #{i} has no 'name' and 'stats'; not pytest-benchmark output")
+        rows.append(_row(bench))
+    _infer_foreign_sweeps(rows)
+    return Run(path=path, label=path.stem, header=_header(data), rows=rows)
+
+
+def _row(bench: dict) -> Row:
+    extra = bench.get("extra_info") or {}
+    params = extra.get("params")
+    if not isinstance(params, dict):
+        params = {k: v for k, v in (bench.get("params") or {}).items() if v is not None}
+    oom = bool(extra.get("oom"))
+    median = bench["stats"].get("median")
+    return Row(
+        group=bench.get("group") or "(no group)",
+        name=bench["name"],
+        variant=extra.get("variant") or "",
+        params=params,
+        sweep=extra.get("sweep"),
+        median_s=None if oom or not _is_number(median) else float(median),
+        peak_bytes=extra.get("peak_bytes") if _is_number(extra.get("peak_bytes")) else None,
+        throughput=extra.get("throughput") if _is_number(extra.get("throughput")) else None,
+        throughput_unit=extra.get("throughput_unit"),
+        baseline=bool(extra.get("baseline")),
+        reference=bool(extra.get("reference")),
+        oom=oom,
+        dtype=extra.get("dtype"),
+        metrics={k: v for k, v in (extra.get("metrics") or {}).items()},
+    )
+
+
+def _infer_foreign_sweeps(rows: list[Row]) -> None:
+    """For rows written without our extra_info: the sweep is the one numeric parameter that varies in the
+    group, and the variant is the test name with the sweep taken out."""
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.group, []).append(row)
+    for members in groups.values():
+        if all(r.variant for r in members):
+            continue
+        keys = {k for r in members for k in r.params}
+        varying = [k for k in sorted(keys) if len({repr(r.params.get(k)) for r in members}) > 1]
+        numeric = [k for k in varying if all(_is_number(r.params.get(k)) for r in members)]
+        sweep = numeric[0] if len(numeric) == 1 else None
+        for r in members:
+            r.sweep = r.sweep or sweep
+            if not r.variant:
+                rest = [f"{k}={r.params[k]}" for k in varying if k != sweep and k in r.params]
+                r.variant = " ".join([r.name.split("[")[0], *rest])
+
+
+def _header(data: dict) -> dict:
+    machine = data.get("machine_info", {})
+    impl = machine.get("impl") or {}
+    cpu = machine.get("cpu") or {}
+    commit = data.get("commit_info") or {}
+    return {
+        "cpu": impl.get("cpu_name") or cpu.get("brand_raw") or machine.get("processor") or "unknown",
+        "cores": cpu.get("count"),
+        "device": impl.get("device"),
+        "device_name": impl.get("device_name"),
+        "size": impl.get("size"),
+        "torch_threads": impl.get("torch_threads"),
+        "cuda": impl.get("cuda"),
+        "libraries": impl.get("libraries") or {},
+        "python": machine.get("python_version"),
+        "system": " ".join(x for x in (machine.get("system"), machine.get("release")) if x),
+        "date": data.get("datetime"),
+        "commit": (commit.get("id") or "")[:10] + ("+dirty" if commit.get("dirty") else ""),
+    }

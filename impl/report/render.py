@@ -1,0 +1,225 @@
+"""Benchmark rows -> a markdown report with one table per group and a plot per sweep."""
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from impl.report.load import Row, Run
+
+MIB = 2**20
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "group"
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "OOM"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", MIB), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return "-" if x is None else str(x)
+
+
+def _key(row: Row, varying: list[str]) -> tuple:
+    return tuple(repr(row.params.get(k)) for k in varying)
+
+
+def _ratio(num: float | None, den: float | None) -> str:
+    if num is None or den is None or den == 0 or num == 0:
+        return "-"
+    return f"{num / den:.2f}x"
+
+
+def _varying(rows: list[Row]) -> list[str]:
+    keys = sorted({k for r in rows for k in r.params})
+    return [k for k in keys if len({repr(r.params.get(k)) for r in rows}) > 1]
+
+
+def _fixed(rows: list[Row], varying: list[str]) -> str:
+    keys = sorted({k for r in rows for k in r.params} - set(varying))
+    parts = [f"{k}={rows[0].params.get(k)}" for k in keys]
+    dtypes = {r.dtype for r in rows if r.dtype}
+    if len(dtypes) == 1:
+        parts.append(f"dtype={dtypes.pop()}")
+    return ", ".join(parts)
+
+
+def group_table(rows: list[Row]) -> pd.DataFrame:
+    """One row per benchmark: its parameters, median time, peak memory, throughput, and the ratios to the
+    group's baseline and reference at the same parameters (speed-up: their time / ours; memory: ours / theirs).
+    Columns that no row has data for are left out."""
+    varying = [k for k in _varying(rows)]
+    sweep = next((r.sweep for r in rows if r.sweep), None)
+    if sweep in varying:  # the sweep first, then other parameters
+        varying.remove(sweep)
+        varying.insert(0, sweep)
+    base = {_key(r, varying): r for r in rows if r.baseline}
+    ref = {_key(r, varying): r for r in rows if r.reference}
+    records = []
+    order = sorted(rows, key=lambda r: ([_sort_value(r.params.get(k)) for k in varying], r.variant))
+    for r in order:
+        rec = {"variant": r.variant}
+        rec.update({k: r.params.get(k) for k in varying})
+        rec["median time"] = _fmt_time(r.median_s)
+        rec["peak memory"] = _fmt_bytes(r.peak_bytes) if not r.oom else "OOM"
+        if r.throughput is not None:
+            rec[r.throughput_unit or "throughput"] = _fmt(r.throughput)
+        b, f = base.get(_key(r, varying)), ref.get(_key(r, varying))
+        if b is not None:
+            rec[f"speed-up vs {b.variant}"] = _ratio(b.median_s, r.median_s)
+            rec[f"memory vs {b.variant}"] = _ratio(r.peak_bytes, b.peak_bytes)
+        if f is not None:
+            rec[f"speed-up vs {f.variant}"] = _ratio(f.median_s, r.median_s)
+            rec[f"memory vs {f.variant}"] = _ratio(r.peak_bytes, f.peak_bytes)
+        rec.update({k: _fmt(v) for k, v in r.metrics.items()})
+        records.append(rec)
+    table = pd.DataFrame.from_records(records)
+    if "peak memory" in table and (table["peak memory"] == "-").all():
+        table = table.drop(columns="peak memory")
+    return table.fillna("-")
+
+
+def _sort_value(x):
+    return (0, x, "") if isinstance(x, int | float) and not isinstance(x, bool) else (1, 0, repr(x))
+
+
+def plot_sweep(rows: list[Row], path: Path, title: str) -> bool:
+    """Time (and peak memory, when measured) against the sweep parameter, a line per variant; False if the
+    group has no numeric sweep to plot."""
+    sweep = next((r.sweep for r in rows if r.sweep), None)
+    points = [r for r in rows if sweep and isinstance(r.params.get(sweep), int | float) and r.median_s is not None]
+    if not points or len({r.params[sweep] for r in points}) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [k for k in _varying(points) if k != sweep]
+    series: dict[str, list[Row]] = {}
+    for r in points:
+        label = " ".join([r.variant, *(f"{k}={r.params.get(k)}" for k in others)])
+        series.setdefault(label, []).append(r)
+    with_memory = any(r.peak_bytes for r in points)
+    fig, axes = plt.subplots(1, 2 if with_memory else 1, figsize=(11 if with_memory else 6, 4), squeeze=False)
+    xs = [r.params[sweep] for r in points]
+    log_x = min(xs) > 0 and max(xs) / min(xs) >= 8
+    panels = [("median time (ms)", lambda r: r.median_s * 1e3)]
+    if with_memory:
+        panels.append(("peak memory (MiB)", lambda r: r.peak_bytes / MIB if r.peak_bytes else None))
+    for ax, (ylabel, value) in zip(axes[0], panels):
+        ys_all = []
+        for label, members in sorted(series.items()):
+            members = sorted(members, key=lambda r: r.params[sweep])
+            pts = [(r.params[sweep], value(r)) for r in members if value(r) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+                ys_all += [y for _, y in pts]
+        if log_x:
+            ax.set_xscale("log", base=2)
+        if ys_all and min(ys_all) > 0 and max(ys_all) / min(ys_all) >= 20:
+            ax.set_yscale("log")
+        ax.set_xlabel(sweep)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _run_title(run: Run) -> str:
+    h = run.header
+    where = h.get("device_name") or h.get("cpu")
+    if h.get("device"):
+        where = f"{h['device']}: {where}"
+    size = f", size {h['size']}" if h.get("size") else ""
+    return f"{where}{size} ({run.label})"
+
+
+def _header_md(run: Run) -> list[str]:
+    h = run.header
+    libs = ", ".join(f"{k} {v}" for k, v in h["libraries"].items() if v)
+    lines = [
+        f"### Run `{run.label}`",
+        "",
+        f"- machine: {h['cpu']}"
+        + (f", {h['cores']} cores" if h.get("cores") else "")
+        + (f", {h['torch_threads']} torch threads" if h.get("torch_threads") else ""),
+    ]
+    if h.get("device"):
+        lines.append(
+            f"- device: {h['device']} ({h.get('device_name')})" + (f", CUDA {h['cuda']}" if h.get("cuda") else "")
+        )
+    if h.get("size"):
+        lines.append(f"- benchmark size: {h['size']}")
+    lines += [
+        f"- software: Python {h.get('python')}"
+        + (f", {libs}" if libs else "")
+        + (f"; {h['system']}" if h.get("system") else ""),
+        f"- date: {h.get('date')}" + (f", commit {h['commit']}" if h.get("commit") else ""),
+        "",
+    ]
+    return lines
+
+
+def render(runs: list[Run], out_dir: str | Path, title: str = "Benchmark report") -> Path:
+    """Write `README.md` and one PNG per swept group and run into `out_dir`; return the markdown's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"# {title}",
+        "",
+        "Generated by `python -m impl.report` from pytest-benchmark JSON; every number below comes from a "
+        "benchmark run, none is typed by hand. Times are medians; speed-up is the other variant's time over "
+        "this one's (above 1: faster); memory is this one's peak over the other's (below 1: smaller). "
+        "Peak memory is CUDA allocator peak on GPU and exact tensor accounting on CPU.",
+        "",
+        "## Runs",
+        "",
+    ]
+    for run in runs:
+        lines += _header_md(run)
+    groups: list[str] = []
+    for run in runs:
+        for r in run.rows:
+            if r.group not in groups:
+                groups.append(r.group)
+    for group in groups:
+        lines += [f"## {group}", ""]
+        for run in runs:
+            rows = [r for r in run.rows if r.group == group]
+            if not rows:
+                continue
+            if len(runs) > 1:
+                lines += [f"### {_run_title(run)}", ""]
+            fixed = _fixed(rows, _varying(rows))
+            if fixed:
+                lines += [f"Fixed: {fixed}.", ""]
+            lines += [group_table(rows).to_markdown(index=False), ""]
+            png = f"{_slug(group)}--{_slug(run.label)}.png"
+            if plot_sweep(rows, out_dir / png, f"{group} — {_run_title(run)}"):
+                lines += [f"![{group}]({png})", ""]
+    path = out_dir / "README.md"
+    path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return path
