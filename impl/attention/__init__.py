@@ -10,11 +10,12 @@ import torch.nn.functional as F
 
 from impl.attention._checks import check_qkv
 from impl.attention.flash_torch import flash_attention_torch
+from impl.attention.flash_triton import flash_attention_triton
 from impl.attention.naive import naive_attention
 
-__all__ = ["attention", "flash_attention_torch", "naive_attention"]
+__all__ = ["attention", "flash_attention_torch", "flash_attention_triton", "naive_attention"]
 
-BACKENDS = ("auto", "naive", "torch", "sdpa")
+BACKENDS = ("auto", "naive", "torch", "triton", "sdpa")
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float) -> torch.Tensor:
@@ -35,9 +36,11 @@ def attention(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     scale = check_qkv(q, k, v, causal, scale)
     if backend == "auto":
-        backend = "torch"
+        backend = "triton" if q.is_cuda else "torch"
     if backend == "naive":
         return naive_attention(q, k, v, causal=causal, scale=scale)
     if backend == "torch":
         return flash_attention_torch(q, k, v, causal=causal, scale=scale)
+    if backend == "triton":
+        return flash_attention_triton(q, k, v, causal=causal, scale=scale)
     return _sdpa(q, k, v, causal=causal, scale=scale)

@@ -1,0 +1,136 @@
+"""FlashAttention-2 in Triton: the autograd wrapper around the kernels in `_triton_kernels.py`.
+
+Dao, "FlashAttention-2" (2023). The forward saves O and the base-2 logsumexp; the backward computes
+D = rowsum(dO * O), then dK/dV with one program per k block and dQ with one program per q block (two passes,
+no atomics, so the result is deterministic). Grouped-query attention: each q head writes its own dK/dV, summed
+over the heads of its group afterwards.
+
+The kernels are compiled for CUDA tensors; CPU tensors run through Triton's interpreter, which needs
+TRITON_INTERPRET=1 in the environment before the kernels are first used (they are imported on first call).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from impl.attention._checks import check_qkv
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    block_m: int = 128  # forward / dQ: q rows per program
+    block_n: int = 64  # forward / dQ: keys per inner step
+    bwd_block_m: int = 32  # dK/dV: q rows per inner step
+    bwd_block_n: int = 128  # dK/dV: keys per program
+    num_warps: int = 4  # 8 is used for head_dim > 64
+    num_stages: int = 3  # software pipelining depth (ignored by the interpreter)
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "bwd_block_m", "bwd_block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {value}")
+
+
+def _kernels():
+    """The kernel module, imported on first use so that TRITON_INTERPRET is read then, not at package import."""
+    from impl.attention import _triton_kernels
+
+    return _triton_kernels
+
+
+def _launch_args(q, k, causal):
+    _, hq, n, d = q.shape
+    return dict(
+        n_heads=hq,
+        GROUP=hq // k.shape[1],
+        n_q=n,
+        n_k=k.shape[2],
+        head_dim=d,
+        CAUSAL=causal,
+        BLOCK_D=max(16, 1 << (d - 1).bit_length()),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs get fp32 dots, not TF32
+    )
+
+
+class _FlashAttentionTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, config):
+        kern = _kernels()
+        b, hq, n, d = q.shape
+        args = _launch_args(q, k, causal)
+        warps = dict(num_warps=config.num_warps if d <= 64 else 2 * config.num_warps, num_stages=config.num_stages)
+        out = torch.empty_like(q)
+        lse = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)  # base-2 logsumexp of scaled scores
+        grid = (_cdiv(n, config.block_m), b * hq)
+        kern.flash_fwd_kernel[grid](
+            q, k, v, out, lse, scale * kern.LOG2E, **args, BLOCK_M=config.block_m, BLOCK_N=config.block_n, **warps
+        )
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.config = causal, scale, config
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        kern = _kernels()
+        q, k, v, out, lse = ctx.saved_tensors
+        config, scale = ctx.config, ctx.scale
+        b, hq, n, d = q.shape
+        hkv, n_k = k.shape[1], k.shape[2]
+        args = _launch_args(q, k, ctx.causal)
+        warps = dict(num_warps=config.num_warps if d <= 64 else 2 * config.num_warps, num_stages=config.num_stages)
+        do = grad_out.contiguous()
+        delta = (do.float() * out.float()).sum(-1)  # D_i = rowsum(dO * O), (B, Hq, N)
+        dq = torch.empty_like(q)
+        # One dK/dV per q head; with GQA they are summed over the group below, so keep them in fp32.
+        dkv_dtype = k.dtype if hq == hkv else torch.float32
+        dk = torch.empty(b, hq, n_k, d, dtype=dkv_dtype, device=q.device)
+        dv = torch.empty_like(dk)
+        common = (q, k, v, do, lse, delta)
+        kern.flash_bwd_dkdv_kernel[(_cdiv(n_k, config.bwd_block_n), b * hq)](
+            *common, dk, dv, scale, scale * kern.LOG2E, **args,
+            BLOCK_M=config.bwd_block_m, BLOCK_N=config.bwd_block_n, **warps,
+        )  # fmt: skip
+        kern.flash_bwd_dq_kernel[(_cdiv(n, config.block_m), b * hq)](
+            *common, dq, scale, scale * kern.LOG2E, **args, BLOCK_M=config.block_m, BLOCK_N=config.block_n, **warps
+        )
+        if hq != hkv:
+            dk = dk.view(b, hkv, hq // hkv, n_k, d).sum(2).to(k.dtype)  # (B, Hkv, Nk, D)
+            dv = dv.view(b, hkv, hq // hkv, n_k, d).sum(2).to(v.dtype)
+        return dq, dk, dv, None, None, None
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _interpreting() -> bool:
+    """Whether the kernels run under Triton's CPU interpreter (decided when they are first imported)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_kernels().flash_fwd_kernel, InterpretedFunction)
+
+
+def flash_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    config: TritonConfig | None = None,
+) -> torch.Tensor:
+    """FlashAttention-2 over (batch, heads, seq, head_dim) fp16/bf16/fp32 tensors, head_dim 16..128."""
+    scale = check_qkv(q, k, v, causal, scale)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q must be float16, bfloat16 or float32 for the Triton kernels, got {q.dtype}")
+    if not 16 <= q.shape[-1] <= 128:
+        raise ValueError(f"q head_dim must be in 16..128 for the Triton kernels, got {q.shape[-1]}")
+    if not q.is_cuda and not _interpreting():
+        raise ValueError(
+            f"q must be a CUDA tensor, or TRITON_INTERPRET=1 must be set before the kernels are first used to run "
+            f"them on CPU; got device {q.device} without the interpreter"
+        )
+    if config is None:
+        config = TritonConfig()
+    return _FlashAttentionTriton.apply(q.contiguous(), k.contiguous(), v.contiguous(), causal, scale, config)
