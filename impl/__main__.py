@@ -7,17 +7,20 @@ python -m impl NAME [ARGS...]  run one (each takes --help)
 import importlib
 import sys
 
-# name -> (module run as `python -m MODULE`, one line on what it does). Add each new entry point here.
+# name -> (module with a `main(argv)`, one line on what it does). Add each new entry point here.
 ENTRY_POINTS: dict[str, tuple[str, str]] = {
     "bench": ("impl.bench", "run the benchmarks on the available device, then render the report (the main job)"),
-    "report": ("impl.report", "render pytest-benchmark JSON files into a markdown report with plots"),
+    "report": ("impl.report.__main__", "render pytest-benchmark JSON files into a markdown report with plots"),
 }
 
 
 def usage() -> str:
     width = max(len(n) for n in ENTRY_POINTS)
     lines = ["usage: python -m impl NAME [ARGS...]   (python -m impl NAME --help for each)", "", "entry points:"]
-    lines += [f"  {name:<{width}}  {text}   [python -m {module}]" for name, (module, text) in ENTRY_POINTS.items()]
+    lines += [
+        f"  {name:<{width}}  {text}   [python -m {module.removesuffix('.__main__')}]"
+        for name, (module, text) in ENTRY_POINTS.items()
+    ]
     return "\n".join(lines)
 
 

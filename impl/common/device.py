@@ -22,7 +22,10 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         raise TypeError(f"device must be a str or torch.device, got {type(name).__name__}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be one of {DEVICE_CHOICES} (or cuda:N), got {name!r}") from None
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be one of {DEVICE_CHOICES} (or cuda:N), got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():

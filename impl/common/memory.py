@@ -36,11 +36,20 @@ class _StorageTracker(TorchDispatchMode):
         self._live: dict[int, _Storage] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # An output that shares storage with an input (a view, an in-place or out= op) is new memory only if
+        # that storage is already ours; one that existed before the block stays uncounted.
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if self._counts(t)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == self.device_type and t.layout == torch.strided:
-                self._track(t.untyped_storage())
+            if self._counts(t):
+                storage = t.untyped_storage()
+                if storage._cdata not in inputs or storage._cdata in self._live:
+                    self._track(storage)
         return out
+
+    def _counts(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and t.device.type == self.device_type and t.layout == torch.strided
 
     def _track(self, storage: torch.UntypedStorage) -> None:
         key = storage._cdata  # address of the C++ StorageImpl: unique while it lives

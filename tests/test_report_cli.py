@@ -1,0 +1,80 @@
+"""`python -m impl.report` and `python -m impl`: the command lines and their errors."""
+
+import json
+
+import pytest
+
+from impl.__main__ import ENTRY_POINTS
+from impl.__main__ import main as impl_main
+from impl.report.__main__ import main as report_main
+
+MINIMAL = {  # the least a pytest-benchmark file holds, as written by any project
+    "machine_info": {"node": "x", "machine": "x86_64", "cpu": {"brand_raw": "Some CPU", "count": 4}},
+    "commit_info": {},
+    "datetime": "2026-01-01T00:00:00",
+    "version": "5.1.0",
+    "benchmarks": [
+        {
+            "group": None,
+            "name": "test_one",
+            "fullname": "t.py::test_one",
+            "params": None,
+            "extra_info": {},
+            "stats": {"median": 0.001, "mean": 0.001, "rounds": 5},
+        },
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("", "the file is empty"),
+        ("{not json", "not valid JSON"),
+        (json.dumps({"hello": 1}), "not pytest-benchmark output"),
+        (json.dumps({"machine_info": {}, "benchmarks": [{"name": "x"}]}), "has no 'name' and 'stats'"),
+    ],
+    ids=["missing", "empty", "invalid-json", "not-benchmark", "no-stats"],
+)
+def test_bad_input_exits_nonzero_with_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "bench.json"
+    if content is not None:
+        path.write_text(content)
+    assert report_main([str(path), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and str(path) in err
+    assert not (tmp_path / "out" / "README.md").exists()
+
+
+def test_minimal_foreign_json_renders(tmp_path, capsys):
+    path = tmp_path / "foreign.json"
+    path.write_text(json.dumps(MINIMAL))
+    assert report_main([str(path), "-o", str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "Some CPU, 4 cores" in text and "test_one" in text and "1 ms" in text
+    assert "peak memory" not in text  # a column it lacks is left out
+
+
+def test_impl_help_lists_every_entry_point(capsys):
+    assert impl_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name, (module, _) in ENTRY_POINTS.items():
+        assert name in out and module.removesuffix(".__main__") in out
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_every_entry_point_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        impl_main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_unknown_entry_point_is_an_error(capsys):
+    assert impl_main(["nonsense"]) == 2
+    assert "unknown entry point 'nonsense'" in capsys.readouterr().err
+
+
+def test_every_test_has_a_timeout(pytestconfig):
+    assert float(pytestconfig.getini("timeout")) > 0
