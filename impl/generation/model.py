@@ -1,0 +1,262 @@
+"""A Llama-style decoder: RMSNorm, rotary position embeddings, grouped-query attention and a SwiGLU MLP.
+
+Papers: LLaMA (Touvron et al. 2023, arXiv:2302.13971) for the block; RMSNorm (Zhang & Sennrich 2019,
+eq. 4: x / sqrt(mean(x^2) + eps) * g); RoFormer (Su et al. 2021, eq. 34: each pair of channels rotated by
+position * theta^(-2i/d), in the "rotate half" layout Hugging Face uses); GQA (Ainslie et al. 2023: n_kv_heads
+key/value heads shared by groups of query heads); GLU variants (Shazeer 2020, eq. 6: SwiGLU(x) =
+(silu(x W) * x V) W2).
+
+The forward pass works in cache *slots*: a call with T tokens fills slots [start, start + T) of a `KVCache`
+and attends over slots [0, start + T). Rotary positions are passed separately, so left padding (slots holding
+no token, masked out by `key_mask`) does not shift the positions of the real tokens. Decoding reads every
+weight once per token, so the q/k/v and the gate/up projections are fused into one matmul each (as gpt-fast
+does); `from_hf` maps Hugging Face's `LlamaForCausalLM` names onto ours with one explicit key map.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from impl.generation.cache import KVCache
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000  # tokens in the vocabulary
+    hidden_size: int = 512  # width of the residual stream
+    num_hidden_layers: int = 8  # decoder blocks
+    num_attention_heads: int = 8  # query heads
+    num_key_value_heads: int = 8  # key/value heads; fewer than query heads is GQA
+    intermediate_size: int = 1376  # width of the SwiGLU hidden layer
+    max_position_embeddings: int = 2048  # longest sequence (prompt + generated) the model accepts
+    rope_theta: float = 10000.0  # RoPE base
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
+    head_dim: int | None = None  # per-head width; hidden_size // num_attention_heads when None
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads must be a multiple of num_key_value_heads, got "
+                f"{self.num_attention_heads} and {self.num_key_value_heads}"
+            )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalized in fp32, cast back, then scaled: the order Hugging Face uses, so low precision rounds alike.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin of position * theta^(-2i/d) for every channel pair, both (B, T, 1, head_dim)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    freqs = positions[..., None].float() * inv_freq  # (B, T, head_dim / 2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B, T, 1, head_dim): broadcast over heads
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel i with channel i + d/2 (the "rotate half" pairing); x is (B, T, heads, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention; q, k and v come from one fused projection (one matmul per step)."""
+
+    def __init__(self, config: LlamaConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, KV = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, self.head_dim)  # heads: H queries, KV keys, KV values
+        qk = apply_rope(qkv[:, :, : H + KV], cos, sin)  # queries and keys rotated together
+        q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, head_dim)
+        k = qk[:, :, H:].transpose(1, 2)  # (B, KV, T, head_dim)
+        v = qkv[:, :, H + KV :].transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k, v)  # (B, KV, start + T, head_dim)
+        if T == 1 and H != KV:
+            # Decode: a group's query heads become that group's queries, so each K/V head is read once instead
+            # of being repeated for every query head. (B, KV, H // KV, head_dim)
+            y = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, self.head_dim), k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=H != KV
+            )
+        y = y.reshape(B, H, T, self.head_dim).transpose(1, 2).reshape(B, T, H * self.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU; the gate and up projections are fused into one matmul."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache, start):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def _hf_state_dict(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """The key map from `LlamaForCausalLM` names to ours; q/k/v and gate/up are concatenated (output rows)."""
+    ours = {
+        "embed_tokens.weight": sd["model.embed_tokens.weight"],
+        "norm.weight": sd["model.norm.weight"],
+        "lm_head.weight": sd["lm_head.weight"],
+    }
+    for i in range(layers):
+        hf = f"model.layers.{i}."
+        ours |= {
+            f"layers.{i}.attn_norm.weight": sd[hf + "input_layernorm.weight"],
+            f"layers.{i}.attn.qkv_proj.weight": torch.cat(
+                [sd[hf + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")]
+            ),
+            f"layers.{i}.attn.o_proj.weight": sd[hf + "self_attn.o_proj.weight"],
+            f"layers.{i}.mlp_norm.weight": sd[hf + "post_attention_layernorm.weight"],
+            f"layers.{i}.mlp.gate_up_proj.weight": torch.cat(
+                [sd[hf + "mlp.gate_proj.weight"], sd[hf + "mlp.up_proj.weight"]]
+            ),
+            f"layers.{i}.mlp.down_proj.weight": sd[hf + "mlp.down_proj.weight"],
+        }
+    return ours
+
+
+class Llama(nn.Module):
+    """Decoder-only Llama; `forward` returns logits (B, T, vocab), or (B, 1, vocab) with `last_only`."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @classmethod
+    def from_hf(cls, model) -> "Llama":
+        """A copy of a `transformers` `LlamaForCausalLM`: its config and weights, same dtype and device."""
+        hf = model.config
+        unsupported = {
+            "hidden_act": (hf.hidden_act, "silu"),
+            "attention_bias": (hf.attention_bias, False),
+            "mlp_bias": (hf.mlp_bias, False),
+            "rope_type": ((hf.rope_parameters or {}).get("rope_type", "default"), "default"),
+        }
+        for name, (got, expected) in unsupported.items():
+            if got != expected:
+                raise ValueError(f"from_hf: config.{name} must be {expected!r}, got {got!r}")
+        config = LlamaConfig(
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            num_hidden_layers=hf.num_hidden_layers,
+            num_attention_heads=hf.num_attention_heads,
+            num_key_value_heads=hf.num_key_value_heads,
+            intermediate_size=hf.intermediate_size,
+            max_position_embeddings=hf.max_position_embeddings,
+            rope_theta=hf.rope_parameters["rope_theta"],
+            rms_norm_eps=hf.rms_norm_eps,
+            tie_word_embeddings=hf.tie_word_embeddings,
+            head_dim=hf.head_dim,
+        )
+        weight = model.lm_head.weight
+        with torch.device("meta"):
+            ours = cls(config)
+        state = {k: v.detach().clone() for k, v in _hf_state_dict(model.state_dict(), config.num_hidden_layers).items()}
+        ours.load_state_dict(state, assign=True)
+        if config.tie_word_embeddings:  # assign=True replaced the shared Parameter on one side only
+            ours.lm_head.weight = ours.embed_tokens.weight
+        return ours.to(weight.device, weight.dtype).eval()
+
+    def new_cache(self, batch: int, max_tokens: int) -> KVCache:
+        """An empty static cache for `batch` sequences of up to `max_tokens` slots, in the weights' dtype."""
+        c, weight = self.config, self.lm_head.weight
+        return KVCache(
+            layers=c.num_hidden_layers,
+            batch=batch,
+            kv_heads=c.num_key_value_heads,
+            max_tokens=max_tokens,
+            head_dim=c.head_dim,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        start: int = 0,
+        key_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for `input_ids` (B, T) placed in cache slots [start, start + T).
+
+        `positions` (B, T) are the rotary positions (default: the slot indices); `key_mask` (B, start + T) is
+        True where a slot holds a real token (default: all do); `cache` holds slots [0, start) from earlier
+        calls and receives the new ones; without a cache, `start` must be 0.
+        """
+        B, T = input_ids.shape
+        if cache is None and start != 0:
+            raise ValueError(f"start must be 0 without a cache, got {start}")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = _attention_mask(key_mask, start, T, input_ids.device)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache, start)
+        x = self.norm(x[:, -1:] if last_only else x)
+        return self.lm_head(x)
+
+
+def _attention_mask(key_mask: torch.Tensor | None, start: int, T: int, device) -> torch.Tensor | None:
+    """Boolean (B, 1, T, start + T): query slot start + i sees key slot j <= start + i that holds a token.
+
+    A query slot always sees itself, so a padding slot's row is never empty (its output is unused). None when
+    SDPA's own causal flag (or no mask at all, for one query) says the same thing.
+    """
+    if key_mask is None and (start == 0 or T == 1):
+        return None
+    keys = torch.arange(start + T, device=device)
+    queries = torch.arange(start, start + T, device=device)[:, None]
+    allowed = keys <= queries  # (T, start + T)
+    if key_mask is not None:
+        allowed = allowed & (key_mask.bool()[:, None, :] | (keys == queries))  # (B, T, start + T)
+    return allowed.expand(key_mask.shape[0] if key_mask is not None else 1, T, start + T)[:, None]
