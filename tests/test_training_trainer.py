@@ -129,6 +129,34 @@ def test_fit_counts_to_a_total_and_resumes_from_the_newest_checkpoint(tmp_path):
     assert _bitwise_equal(_params(again.model), _params(reference.model))
 
 
+def test_in_process_resume_is_bitwise_on_the_device(tmp_path, device):
+    # On CUDA this also covers the CUDA RNG: the batches and the dropout masks are drawn on the device.
+    def build(seed, name):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Embedding(11, 8), nn.Dropout(0.2), nn.Linear(8, 11)).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        data = lambda: torch.randint(0, 11, (4, 6), device=device)
+        loss_fn = lambda m, t: F.cross_entropy(m(t[:, :-1]).flatten(0, 1), t[:, 1:].flatten())
+        return Trainer(model, optimizer, loss_fn, data, grad_accum_steps=2, checkpoint_dir=tmp_path / name,
+                       progress=False)  # fmt: skip
+
+    def state(trainer):
+        opt = trainer.optimizer.state_dict()["state"]
+        return _params(trainer.model) + [v for s in opt.values() for v in s.values()]
+
+    with set_deterministic(0):
+        uninterrupted = build(0, "uninterrupted")
+        uninterrupted.fit(6)
+    with set_deterministic(0):
+        first = build(0, "crashed")
+        first.fit(3)
+        torch.rand(5, device=device)  # the crash: whatever ran after the checkpoint is lost
+    second = build(1, "crashed")
+    assert second.resume().step == 3
+    second.fit(6)
+    assert _bitwise_equal(state(second), state(uninterrupted))
+
+
 def test_resume_refuses_another_config(tmp_path):
     _trainer(_model(), checkpoint_dir=tmp_path, config={"width": 16}).fit(1)
     other = _trainer(_model(), checkpoint_dir=tmp_path, config={"width": 32})
