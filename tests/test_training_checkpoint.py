@@ -269,3 +269,11 @@ def test_state_encoding_round_trips(value, with_tensor):
         assert torch.equal(back.pop("t"), value["t"])
         value = {"v": value["v"]}
     assert back == value and type(back) is type(value)
+
+
+def test_state_encoding_keeps_tensors_whose_paths_collide():
+    value = {"a.b": torch.zeros(2), "a": {"b": torch.ones(2)}, 0: torch.full((1,), 2.0), "0": torch.full((1,), 3.0)}
+    tensors: dict = {}
+    back = decode(encode(value, "s", tensors), tensors)
+    assert back.keys() == value.keys() and all(torch.equal(back[k], value[k]) for k in ("a.b", 0, "0"))
+    assert torch.equal(back["a"]["b"], value["a"]["b"])

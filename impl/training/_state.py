@@ -18,11 +18,9 @@ _TAGS = ("__tensor__", "__tuple__", "__ndarray__", "__items__")
 def encode(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """JSON-able form of `obj`; its tensors are added to `tensors` under keys starting with `prefix`."""
     if isinstance(obj, torch.Tensor):
-        tensor = obj.detach().cpu().contiguous()
-        if any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in tensors.values()):
-            tensor = tensor.clone()  # safetensors stores each storage once; a shared one gets its own copy
-        tensors[prefix] = tensor
-        return {"__tensor__": prefix}
+        key = prefix if prefix not in tensors else f"{prefix}#{len(tensors)}"  # {"a.b": x, "a": {"b": y}}
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
     if isinstance(obj, np.ndarray):
         return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
     if isinstance(obj, np.generic):

@@ -92,10 +92,19 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        tensor = tensor.detach().cpu().contiguous()
-        shares = any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in tensors.values())
-        tensors[name] = tensor.clone() if shares else tensor  # overlapping views that are not the same tensor
+        tensors[name] = tensor.detach().cpu().contiguous()
     return tensors, aliases
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors stores each storage once: a tensor whose storage is already taken gets its own copy."""
+    taken: set[int] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if ptr in taken else tensor
+        taken.add(ptr)
+    return out
 
 
 def _check_model(model: nn.Module, saved: dict[str, torch.Tensor], where: Path) -> None:
@@ -189,8 +198,8 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         files = {
-            "model.safetensors": _write_file(tmp / "model.safetensors", save(model_tensors)),
-            "optimizer.safetensors": _write_file(tmp / "optimizer.safetensors", save(state_tensors)),
+            "model.safetensors": _write_file(tmp / "model.safetensors", save(_unshared(model_tensors))),
+            "optimizer.safetensors": _write_file(tmp / "optimizer.safetensors", save(_unshared(state_tensors))),
             "state.json": _write_file(tmp / "state.json", json.dumps(state, indent=1).encode()),
         }
         manifest = {"format": FORMAT, "step": step, "files": files}
