@@ -76,6 +76,8 @@ def _worker(rank, world_size, port, backend, timeout_s, fn, args, conn) -> None:
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
         _set_device(backend, rank)
+        if backend == "gloo":  # share the cores out, as torchrun's OMP_NUM_THREADS=1 does: oversubscribed
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))  # pools spin, 10x slower
         store = dist.TCPStore(_HOST, port, world_size, is_master=False, timeout=timeout)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         reply = ("ok", fn(rank, world_size, *args))

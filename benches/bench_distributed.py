@@ -1,0 +1,224 @@
+"""ZeRO stages 0-3 next to torch's DDP, ZeroRedundancyOptimizer and FSDP2: step time, per-rank memory and
+bytes communicated, swept over the world size (1, 2, 4 ranks on CPU with gloo; one GPU per rank with nccl).
+
+One group per stage: ours, plain data parallel (ours at stage 0, the baseline) and torch's implementation of
+the same stage where there is one (stage 2 has none: FSDP2 without resharding frees parameters after backward,
+which is not ZeRO-2). Rank processes stay up for a whole benchmark; one timed call is one synchronized
+training step on every rank (forward, backward, optimizer), driven from here through pipes.
+
+Memory is what rank 0 holds in model states after a step, read off its tensors (parameters, gradients,
+optimizer state; DDP's gradient buckets are not visible this way and are left out); it is recorded as the
+row's peak memory, next to bytes per parameter and the ZeRO paper's formula for it. Communication is counted
+by ours in the paper's units (all-reduce: 2 x the tensor, reduce-scatter and all-gather: 1 x); the paper's
+claim is that stage 3 moves 1.5x what stages 0-2 move.
+"""
+
+import multiprocessing
+import threading
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from impl.distributed import Zero, spawn
+
+SWEEPS = {"world_size": {"smoke": [2], "small": [1, 2, 4], "full": [1, 2, 4]}}
+SIZES = {"smoke": (64, 2, 8), "small": (512, 4, 16), "full": (1024, 4, 32)}  # (width, layers, global batch)
+TIMEOUT_S = 120
+# Bytes per parameter on each of N ranks with fp32 Adam (ZeRO paper, Fig. 1, without mixed precision).
+PAPER_BYTES = {
+    0: lambda n: 16,
+    1: lambda n: 8 + Fraction(8, n),
+    2: lambda n: 4 + Fraction(12, n),
+    3: lambda n: Fraction(16, n),
+}
+REFERENCES = {0: "torch-ddp", 1: "torch-zero-redundancy", 3: "torch-fsdp2"}
+
+
+def _mlp(width: int, layers: int) -> nn.Module:
+    torch.manual_seed(0)
+    blocks = [m for _ in range(layers) for m in (nn.Linear(width, width), nn.GELU())]
+    return nn.Sequential(*blocks, nn.Linear(width, width))
+
+
+def _local_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind these tensors (a DTensor counts its local shard)."""
+    seen = {}
+    for t in tensors:
+        if t is None:
+            continue
+        t = getattr(t, "_local_tensor", t)
+        storage = t.untyped_storage()
+        seen[storage.data_ptr() or id(storage)] = storage.nbytes()
+    return sum(seen.values())
+
+
+class _Setup:
+    """One rank's model, wrapped by `variant`, and its fixed slice of a fixed batch."""
+
+    def __init__(self, variant: str, rank: int, world_size: int, device: torch.device, width, layers, batch):
+        model = _mlp(width, layers).to(device)
+        self.numel = sum(p.numel() for p in model.parameters())
+        g = torch.Generator().manual_seed(rank)
+        self.x = torch.randn(batch // world_size, width, generator=g).to(device)
+        self.y = torch.randn(batch // world_size, width, generator=g).to(device)
+        self.zero = None
+        if variant.startswith("zero-") or variant == "dp":
+            stage = 0 if variant == "dp" else int(variant[-1])
+            self.zero = self.run = Zero(model, torch.optim.AdamW, stage=stage, lr=1e-3)
+            self.optimizer = self.zero
+            return
+        self.model = model
+        if variant == "torch-fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer)
+            self.run = fully_shard(model)
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.run = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if variant == "torch-ddp":
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        else:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            self.optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-3)
+
+    def step(self, measure: bool = False) -> dict | None:
+        before = self.zero.comm.bytes_moved if self.zero is not None else None
+        F.mse_loss(self.run(self.x), self.y).backward()
+        self.optimizer.step()
+        stats = self.stats(before) if measure else None
+        self.optimizer.zero_grad()
+        return stats
+
+    def stats(self, comm_before: int | None) -> dict:
+        if self.zero is not None:
+            return {
+                "numel": self.numel,
+                "state_bytes": self.zero.memory_breakdown()["total"],
+                "comm_bytes": self.zero.comm.bytes_moved - comm_before,
+            }
+        optimizer = getattr(self.optimizer, "optim", self.optimizer)  # ZeroRedundancyOptimizer's local one
+        state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim()]
+        params = list(self.model.parameters())
+        total = _local_bytes(params) + _local_bytes(p.grad for p in params) + _local_bytes(state)
+        return {"numel": self.numel, "state_bytes": total, "comm_bytes": None}
+
+
+def _serve(rank: int, world_size: int, variant: str, sizes: tuple, conns) -> None:
+    """A rank's loop: build the setup, report one measured step, then run one step per "step" command."""
+    on_gpu = torch.distributed.get_backend() == "nccl"  # spawn() has set this rank's GPU
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    setup = _Setup(variant, rank, world_size, device, *sizes)
+    conn = conns[rank]
+    conn.send(setup.step(measure=True))
+    while conn.recv() == "step":
+        setup.step()
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        conn.send(None)
+
+
+class _Ranks:
+    """`world_size` rank processes serving `variant`; `step()` runs one training step on all and waits."""
+
+    def __init__(self, variant: str, world_size: int, sizes: tuple, backend: str):
+        ctx = multiprocessing.get_context("forkserver")
+        pairs = [ctx.Pipe() for _ in range(world_size)]
+        self.conns = [ours for ours, _ in pairs]
+        self.error: BaseException | None = None
+        args = (variant, sizes, [theirs for _, theirs in pairs])
+        self.thread = threading.Thread(target=self._launch, args=(world_size, args, backend), daemon=True)
+        self.thread.start()
+        self.stats = self._gather()
+
+    def _launch(self, world_size, args, backend) -> None:
+        try:
+            spawn(_serve, world_size, *args, backend=backend, timeout_s=TIMEOUT_S)
+        except BaseException as err:  # re-raised in the caller's thread by _gather and close
+            self.error = err
+
+    def _gather(self) -> list:
+        replies = []
+        for conn in self.conns:
+            while not conn.poll(1.0):
+                if self.error is not None or not self.thread.is_alive():
+                    raise RuntimeError("a rank failed before replying") from self.error
+            replies.append(conn.recv())
+        return replies
+
+    def step(self) -> None:
+        for conn in self.conns:
+            conn.send("step")
+        self._gather()
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.send("stop")
+        self.thread.join(TIMEOUT_S)
+        if self.error is not None:
+            raise self.error
+
+
+def _bench_variant(bench, device, size, stage: int, variant: str, world_size: int) -> None:
+    if device.type == "cuda" and world_size > torch.cuda.device_count():
+        pytest.skip(f"world_size={world_size} needs that many GPUs, found {torch.cuda.device_count()}")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    sizes = SIZES[size]
+    ranks = _Ranks(variant, world_size, sizes, backend)
+    try:
+        stats = ranks.stats[0]
+        numel = stats["numel"]
+        width, layers, batch = sizes
+        metrics = {
+            "bytes/param": round(stats["state_bytes"] / numel, 3),
+            "paper bytes/param": round(float(PAPER_BYTES[0 if variant == "dp" else stage](world_size)), 3),
+            "comm MiB/step": None if stats["comm_bytes"] is None else round(stats["comm_bytes"] / 2**20, 3),
+            "comm vs 2Ψ": None if stats["comm_bytes"] is None else round(stats["comm_bytes"] / (2 * 4 * numel), 3),
+        }
+        info = bench(
+            ranks.step,
+            variant=variant,
+            params={"world_size": world_size, "width": width, "layers": layers, "batch": batch, "params": numel},
+            sweep="world_size",
+            dtype=torch.float32,
+            baseline=variant == "dp",
+            reference=variant == REFERENCES.get(stage),
+            items=batch,
+            items_unit="samples/s",
+            metrics=metrics,
+        )
+        info["peak_bytes"] = stats["state_bytes"]  # rank 0's model states; the parent process holds none
+    finally:
+        ranks.close()
+
+
+@pytest.mark.benchmark(group="zero-stage0-data-parallel")
+@pytest.mark.parametrize("variant", ["zero-0", "torch-ddp"])
+def test_stage0(bench, device, size, variant, world_size):
+    _bench_variant(bench, device, size, 0, variant, world_size)
+
+
+@pytest.mark.benchmark(group="zero-stage1-optimizer-state")
+@pytest.mark.parametrize("variant", ["dp", "zero-1", "torch-zero-redundancy"])
+def test_stage1(bench, device, size, variant, world_size):
+    _bench_variant(bench, device, size, 1, variant, world_size)
+
+
+@pytest.mark.benchmark(group="zero-stage2-gradients")
+@pytest.mark.parametrize("variant", ["dp", "zero-2"])
+def test_stage2(bench, device, size, variant, world_size):
+    _bench_variant(bench, device, size, 2, variant, world_size)
+
+
+@pytest.mark.benchmark(group="zero-stage3-parameters")
+@pytest.mark.parametrize("variant", ["dp", "zero-3", "torch-fsdp2"])
+def test_stage3(bench, device, size, variant, world_size):
+    _bench_variant(bench, device, size, 3, variant, world_size)
