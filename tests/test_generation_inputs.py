@@ -1,0 +1,78 @@
+"""Bad input to generate() gets a ValueError / TypeError that names the argument, the expectation and the value."""
+
+import pytest
+import torch
+
+from impl.generation import Llama, LlamaConfig, generate
+
+CONFIG = LlamaConfig(
+    vocab_size=31, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+    intermediate_size=32, max_position_embeddings=20,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Llama(CONFIG).eval()
+
+
+IDS = torch.zeros(2, 5, dtype=torch.long)
+
+BAD = {
+    "too-long": (
+        dict(max_new_tokens=16),
+        r"prompt length 5 \+ max_new_tokens 16 must be at most the model's max_position_embeddings=20",
+    ),
+    "mask-shape": (
+        dict(max_new_tokens=3, attention_mask=torch.ones(2, 4)),
+        r"attention_mask must have input_ids' shape \(2, 5\), got \(2, 4\)",
+    ),
+    "mask-empty-row": (
+        dict(max_new_tokens=3, attention_mask=torch.tensor([[1] * 5, [0] * 5])),
+        "attention_mask must mark at least one token in every row",
+    ),
+    "temperature": (dict(max_new_tokens=3, temperature=-0.5), "temperature must be a number >= 0, got -0.5"),
+    "top-p-zero": (dict(max_new_tokens=3, temperature=1.0, top_p=0.0), r"top_p must be None or in \(0, 1\], got 0.0"),
+    "top-p-above-1": (
+        dict(max_new_tokens=3, temperature=1.0, top_p=1.5),
+        r"top_p must be None or in \(0, 1\], got 1.5",
+    ),
+    "top-k": (dict(max_new_tokens=3, temperature=1.0, top_k=0), "top_k must be None or an int >= 1, got 0"),
+    "max-new-tokens": (dict(max_new_tokens=0), "max_new_tokens must be a positive int, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_arguments(model, case):
+    kwargs, message = BAD[case]
+    with pytest.raises(ValueError, match=message):
+        generate(model, IDS, **kwargs)
+
+
+def test_the_longest_allowed_request_runs(model):
+    out = generate(model, IDS, max_new_tokens=15)  # 5 + 15 == max_position_embeddings
+    assert out.shape == (2, 20)
+
+
+@pytest.mark.parametrize(
+    "ids,message",
+    [
+        (torch.zeros(5, dtype=torch.long), r"input_ids must be a \(batch, seq\) int64 tensor, got \(5,\) torch.int64"),
+        (torch.zeros(2, 5), r"input_ids must be a \(batch, seq\) int64 tensor, got \(2, 5\) torch.float32"),
+        (torch.zeros(2, 0, dtype=torch.long), "input_ids must hold at least one token per row, got seq length 0"),
+    ],
+    ids=["rank", "dtype", "empty"],
+)
+def test_bad_input_ids(model, ids, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model, ids, max_new_tokens=2)
+
+
+def test_model_must_be_ours():
+    with pytest.raises(TypeError, match="model must be an impl.generation.Llama, got Linear"):
+        generate(torch.nn.Linear(2, 2), IDS, max_new_tokens=2)
+
+
+def test_start_without_cache(model):
+    with pytest.raises(ValueError, match="start must be 0 without a cache, got 3"):
+        model(IDS, start=3)
