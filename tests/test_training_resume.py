@@ -91,7 +91,7 @@ def _worker(argv: list[str]) -> None:
         write = checkpoint._write_file
 
         def torn_write(path, data):  # half the bytes reach the disk, then the process dies
-            if f"{args.kill_at:08d}" in path.parent.name and path.name == "optimizer.safetensors":
+            if f"{args.kill_at:08d}" in path.parent.name and path.name == "state.json":
                 write(path, data[: len(data) // 2])
                 die()
             return write(path, data)

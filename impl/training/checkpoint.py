@@ -13,7 +13,8 @@ Inside it:
 
 Reading checks every byte count and hash before anything is parsed or loaded, so a truncated, flipped or
 missing file raises `CheckpointError` naming the file, and leaves the model untouched; `resume` then tries the
-next older checkpoint, with a warning.
+next older checkpoint, with a warning. Tensors are written and hashed from the file, so no serialized copy of
+the checkpoint is held in memory on either side.
 """
 
 import hashlib
@@ -125,6 +126,16 @@ def _check_model(model: nn.Module, saved: dict[str, torch.Tensor], where: Path) 
 # --- atomic files -----------------------------------------------------------------------------------------------
 
 
+def _hash_file(path: Path) -> dict:
+    """The manifest entry of one file: its byte count and sha256, read in 4 MiB chunks."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
 def _write_file(path: Path, data: bytes) -> dict:
     """Write, flush and fsync one file; returns its manifest entry."""
     with open(path, "wb") as f:
@@ -132,6 +143,16 @@ def _write_file(path: Path, data: bytes) -> dict:
         f.flush()
         os.fsync(f.fileno())
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
+    """safetensors file, fsynced; returns its manifest entry (hashed from the file as written)."""
+    from safetensors.torch import save_file
+
+    save_file(_unshared(tensors), path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return _hash_file(path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -177,8 +198,6 @@ def save_checkpoint(
     for stale in directory.glob(f"{_TMP_PREFIX}*"):  # left by a writer that died; one writer per directory
         shutil.rmtree(stale, ignore_errors=True)
 
-    from safetensors.torch import save
-
     model_tensors, aliases = _model_tensors(model)
     state_tensors: dict[str, torch.Tensor] = {}
     state = {
@@ -198,8 +217,8 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         files = {
-            "model.safetensors": _write_file(tmp / "model.safetensors", save(_unshared(model_tensors))),
-            "optimizer.safetensors": _write_file(tmp / "optimizer.safetensors", save(_unshared(state_tensors))),
+            "model.safetensors": _write_tensors(tmp / "model.safetensors", model_tensors),
+            "optimizer.safetensors": _write_tensors(tmp / "optimizer.safetensors", state_tensors),
             "state.json": _write_file(tmp / "state.json", json.dumps(state, indent=1).encode()),
         }
         manifest = {"format": FORMAT, "step": step, "files": files}
@@ -222,8 +241,8 @@ def save_checkpoint(
     return final
 
 
-def _read_verified(path: Path) -> tuple[dict, dict[str, bytes]]:
-    """The manifest and every file's bytes, after checking each byte count and sha256."""
+def _verify(path: Path) -> dict:
+    """The manifest, after checking every file's byte count and sha256 against it."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
     try:
@@ -235,18 +254,16 @@ def _read_verified(path: Path) -> tuple[dict, dict[str, bytes]]:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({err})") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT}")
-    contents = {}
     for name, entry in files.items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path}: {name} is missing")
-        data = file.read_bytes()
-        if len(data) != entry["bytes"]:
-            raise CheckpointError(f"checkpoint {path}: {name} has {len(data)} bytes, manifest says {entry['bytes']}")
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(f"checkpoint {path}: {name} has {size} bytes, manifest says {entry['bytes']}")
+        if _hash_file(file)["sha256"] != entry["sha256"]:
             raise CheckpointError(f"checkpoint {path}: {name} fails its sha256 check (corrupted)")
-        contents[name] = data
-    return manifest, contents
+    return manifest
 
 
 def load_checkpoint(
@@ -264,14 +281,14 @@ def load_checkpoint(
     Raises `CheckpointError` for a missing, truncated or corrupted file, before anything is modified; and
     `ValueError` when `model` or `config` does not match the ones the checkpoint was written for.
     """
-    from safetensors.torch import load
+    from safetensors.torch import load_file
 
     path = Path(path)
-    manifest, contents = _read_verified(path)
+    manifest = _verify(path)
     try:
-        model_tensors = load(contents["model.safetensors"])
-        state_tensors = load(contents["optimizer.safetensors"])
-        state = json.loads(contents["state.json"])
+        model_tensors = load_file(path / "model.safetensors")
+        state_tensors = load_file(path / "optimizer.safetensors")
+        state = json.loads((path / "state.json").read_bytes())
         saved_config = decode(state["config"], state_tensors)
     except Exception as err:  # hashes matched, so this is a writer bug or a hand-made manifest
         raise CheckpointError(f"checkpoint {path}: cannot parse its files ({type(err).__name__}: {err})") from err
