@@ -41,7 +41,7 @@ def flash_fwd_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets may pass 2^31
     kv_bh = (pid_bh // n_heads) * (n_heads // GROUP) + (pid_bh % n_heads) // GROUP
     q_base, kv_base = Q + pid_bh * n_q * head_dim, kv_bh * n_k * head_dim
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -82,7 +82,7 @@ def flash_bwd_dkdv_kernel(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One k/v block of one q head: dV = sum P^T dO, dK = scale * sum dS^T Q over the q blocks that see it."""
-    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     kv_bh = (pid_bh // n_heads) * (n_heads // GROUP) + (pid_bh % n_heads) // GROUP
     q_base, kv_base = pid_bh * n_q * head_dim, kv_bh * n_k * head_dim
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -126,7 +126,7 @@ def flash_bwd_dq_kernel(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One q block of one q head: dQ = scale * sum dS K over the k blocks it sees (no atomics: deterministic)."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets may pass 2^31
     kv_bh = (pid_bh // n_heads) * (n_heads // GROUP) + (pid_bh % n_heads) // GROUP
     q_base, kv_base = pid_bh * n_q * head_dim, kv_bh * n_k * head_dim
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -50,18 +50,18 @@ class _FlashAttention(torch.autograd.Function):
         for q0 in range(0, n, block_q):
             q_blk = qg[..., q0 : q0 + block_q, :]
             m = torch.full(q_blk.shape[:-1], float("-inf"), dtype=ctype, device=q.device)  # running row max
-            l = torch.zeros_like(m)  # running normalizer sum exp(s - m)  # noqa: E741
+            denom = torch.zeros_like(m)  # running softmax normalizer, sum of exp(s - m)
             acc = torch.zeros(q_blk.shape, dtype=ctype, device=q.device)
             for k0 in _key_blocks(q0, q_blk.shape[-2], n_k, block_k, causal):
                 s = _scores(q_blk, kg[..., k0 : k0 + block_k, :], scale, causal, q0, k0)
                 m_new = torch.maximum(m, s.amax(-1))
                 p = torch.exp(s - m_new[..., None])
                 alpha = torch.exp(m - m_new)  # rescales what was accumulated under the old max
-                l = alpha * l + p.sum(-1)  # noqa: E741
+                denom = alpha * denom + p.sum(-1)
                 acc = alpha[..., None] * acc + p @ vg[..., k0 : k0 + block_k, :].to(ctype)
                 m = m_new
-            out[..., q0 : q0 + block_q, :] = (acc / l[..., None]).to(q.dtype)
-            lse[..., q0 : q0 + block_q] = m + torch.log(l)
+            out[..., q0 : q0 + block_q, :] = (acc / denom[..., None]).to(q.dtype)
+            lse[..., q0 : q0 + block_q] = m + torch.log(denom)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.scale, ctx.block_q, ctx.block_k = causal, scale, block_q, block_k
         return out.view(b, hq, n, d)
