@@ -93,3 +93,12 @@ def test_under_torchrun_the_world_size_must_match(monkeypatch):
         monkeypatch.setenv(key, value)
     with pytest.raises(ValueError, match=r"world_size must match torchrun's WORLD_SIZE=2, got 4"):
         spawn(_rank_and_sum, 4, 0.0)
+
+
+def test_train_zero_cli_reports_every_rank_against_the_formula(capsys):
+    from impl.distributed.train_zero import main
+
+    main(["--stage", "3", "--world-size", "2", "--steps", "3", "--width", "8", "--layers", "1", "--batch", "4"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rank ")]
+    assert [line.split(":")[0] for line in lines] == ["rank 0", "rank 1"]
+    assert all("(paper: 8.000, padding 1 elements)" in line for line in lines)

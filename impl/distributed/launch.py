@@ -16,6 +16,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -90,7 +91,8 @@ def _worker(rank, world_size, port, backend, timeout_s, fn, args, conn) -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     conn.close()
-    os._exit(0 if reply[0] == "ok" else 1)  # skip interpreter teardown: nothing of the run is left to flush
+    if reply[0] != "ok":
+        sys.exit(1)
 
 
 def _context(start_method: str):
