@@ -1,0 +1,314 @@
+"""python -m impl.gpt.train: nanoGPT's character-level Shakespeare run on `impl.training.Trainer`.
+
+The recipe of karpathy/nanoGPT `train.py` with `config/train_shakespeare_char.py`: AdamW (Loshchilov & Hutter
+2019) with weight decay on the matrices only, beta2 = 0.99, gradient clipping at 1.0, and the learning rate of
+GPT-3 (Brown et al. 2020, appendix B): linear warm-up, then cosine decay to `min_lr` at `lr_decay_iters`.
+Configuration is a dataclass with named presets and one CLI flag per field; bf16 autocast on CUDA.
+
+    python -m impl.gpt.train --preset cpu --out runs/cpu     # log.json, losses.csv, loss_curve.png, sample.txt
+
+A run with checkpoints in OUT/ckpt resumes from the newest one; one written for another model refuses to load.
+"""
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from impl.common import resolve_device, seed_everything
+from impl.gpt.data import CharTokenizer, get_batch, load_shakespeare, train_val_split
+from impl.gpt.model import GPT, GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    # model
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads
+    n_embd: int = 128  # residual width
+    block_size: int = 64  # context length of each training window
+    dropout: float = 0.0  # embedding and residual dropout
+    attention_backend: str = "sdpa"  # impl.attention backend
+    # optimization
+    batch_size: int = 12  # windows per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    max_iters: int = 2000  # optimizer steps
+    learning_rate: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the cosine
+    warmup_iters: int = 100  # linear warm-up steps
+    lr_decay_iters: int | None = None  # end of the cosine; None: max_iters
+    weight_decay: float = 0.1  # on matrices and embeddings, not on biases or LayerNorm
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    # evaluation and output
+    eval_interval: int = 250  # steps between loss estimates
+    eval_iters: int = 20  # batches per split for the periodic estimate
+    final_eval_iters: int = 200  # batches per split for the final estimate
+    checkpoint_every: int = 500  # steps between checkpoints; 0: only at the end
+    sample_chars: int = 500  # characters of text sampled at the end
+    seed: int = 1337
+    device: str = "auto"  # auto, cpu or cuda; bf16 autocast on cuda
+
+    def __post_init__(self) -> None:
+        if self.lr_decay_iters is None:
+            self.lr_decay_iters = self.max_iters
+        for name in ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters", "final_eval_iters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        if not 0 < self.min_lr <= self.learning_rate:
+            raise ValueError(
+                f"TrainConfig.min_lr must be in (0, learning_rate={self.learning_rate}], got {self.min_lr}"
+            )
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "TrainConfig":
+        """A preset: `cpu` (nanoGPT's laptop run) or `gpu` (nanoGPT's train_shakespeare_char), with overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(
+            block_size=self.block_size,
+            vocab_size=vocab_size,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_embd=self.n_embd,
+            dropout=self.dropout,
+            attention_backend=self.attention_backend,
+        )
+
+
+PRESETS: dict[str, dict] = {
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000, dropout=0.0),
+    "gpu": dict(
+        n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, max_iters=5000, dropout=0.2, eval_iters=200
+    ),
+}
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to learning_rate, cosine decay to min_lr at lr_decay_iters, then constant."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on parameters of 2 or more dimensions only (matmuls and embeddings)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda" or None
+    )
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def estimate_loss(model: GPT, splits: dict[str, torch.Tensor], cfg: TrainConfig, iters: int, device) -> dict:
+    """Mean loss over `iters` random batches of each split; its own generator leaves the training RNG alone."""
+    model.eval()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    out = {}
+    for name, data in splits.items():
+        losses = []
+        for _ in range(iters):
+            x, y = get_batch(data, cfg.block_size, cfg.batch_size, generator)
+            with _autocast(device):
+                losses.append(model(x.to(device), y.to(device))[1].item())
+        out[name] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+def _prepare_data(text: str, cfg: TrainConfig) -> tuple[CharTokenizer, dict[str, torch.Tensor]]:
+    tok = CharTokenizer(text)
+    train, val = train_val_split(torch.tensor(tok.encode(text), dtype=torch.long))
+    for name, split in (("train", train), ("val", val)):
+        if len(split) <= cfg.block_size:
+            raise ValueError(
+                f"corpus too short: the {name} split has {len(split)} characters, it must be longer than "
+                f"block_size={cfg.block_size}"
+            )
+    return tok, {"train": train, "val": val}
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, data_path: str | Path | None = None, progress: bool = True) -> dict:
+    """Train per `cfg`, writing checkpoints, logs, the loss curve and a sample into `out_dir`; returns the log."""
+    from tqdm.auto import tqdm
+
+    from impl.training import Trainer
+
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    tok, splits = _prepare_data(load_shakespeare(data_path), cfg)
+    model = GPT(cfg.model_config(tok.vocab_size)).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_at(it, cfg) / cfg.learning_rate)
+
+    def loss_fn(model: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        with _autocast(device):
+            return model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))[1]
+
+    trainer = Trainer(
+        model,
+        optimizer,
+        loss_fn,
+        data=lambda: get_batch(splits["train"], cfg.block_size, cfg.batch_size),  # global RNG: checkpointed
+        scheduler=scheduler,
+        grad_accum_steps=cfg.grad_accum_steps,
+        clip_grad_norm=cfg.grad_clip or None,
+        checkpoint_dir=out_dir / "ckpt",
+        checkpoint_every=cfg.checkpoint_every,
+        keep_last=2,
+        config={"model": asdict(model.config), "chars": tok.chars},  # what makes a checkpoint loadable
+        progress=progress,
+    )
+    resumed = trainer.resume()
+    log = _Log(out_dir, start=trainer.step_count)
+    eval_seconds = 0.0
+
+    def callback(step: int, loss: float) -> None:
+        nonlocal eval_seconds
+        log.step(step, loss, lr_at(step - 1, cfg))
+        if step % cfg.eval_interval == 0 and step < cfg.max_iters:
+            start = time.perf_counter()
+            losses = estimate_loss(model, splits, cfg, cfg.eval_iters, device)
+            eval_seconds += time.perf_counter() - start
+            log.eval(step, losses, cfg.eval_iters)
+            if progress:
+                tqdm.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}")
+
+    start = time.perf_counter()
+    trainer.fit(cfg.max_iters, callback=callback)
+    wall = time.perf_counter() - start
+    final = estimate_loss(model, splits, cfg, cfg.final_eval_iters, device)
+    log.eval(trainer.step_count, final, cfg.final_eval_iters)
+    steps = trainer.step_count - (resumed.step if resumed else 0)
+    train_seconds = wall - eval_seconds
+    summary = {
+        "config": asdict(cfg),
+        "device": str(device),
+        "params": model.num_params(),
+        "resumed_from": resumed.step if resumed else None,
+        "steps": steps,
+        "final_val_loss": final["val"],
+        "final_train_loss": final["train"],
+        "final_eval_batches": cfg.final_eval_iters,
+        "wall_seconds": wall,
+        "ms_per_iter": 1000 * train_seconds / max(1, steps),
+        "tokens_per_s": steps * cfg.batch_size * cfg.block_size * cfg.grad_accum_steps / max(train_seconds, 1e-9),
+    }
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    prompt = "\n" if "\n" in tok.chars else tok.chars[0]  # nanoGPT starts from a newline
+    start_ids = torch.tensor([tok.encode(prompt)], device=device)  # (1, 1)
+    model.eval()
+    sample = tok.decode(model.generate(start_ids, cfg.sample_chars, generator=generator)[0, 1:])
+    log.finish(summary, sample)
+    return summary
+
+
+class _Log:
+    """losses.csv (every step), evals.csv, and at the end log.json, loss_curve.png and sample.txt."""
+
+    def __init__(self, out_dir: Path, start: int):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.dir = out_dir
+        self.steps = [r for r in self._read("losses.csv") if int(r["step"]) <= start]  # drop steps redone now
+        self.evals = [r for r in self._read("evals.csv") if int(r["step"]) <= start]
+
+    def _read(self, name: str) -> list[dict]:
+        path = self.dir / name
+        if not path.is_file():
+            return []
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def _write(self, name: str, rows: list[dict]) -> None:
+        with open(self.dir / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        self.steps.append({"step": step, "loss": loss, "lr": lr})
+
+    def eval(self, step: int, losses: dict, batches: int) -> None:
+        self.evals.append({"step": step, "train": losses["train"], "val": losses["val"], "batches": batches})
+        self._write("evals.csv", self.evals)
+
+    def finish(self, summary: dict, sample: str) -> None:
+        if self.steps:
+            self._write("losses.csv", self.steps)
+        (self.dir / "log.json").write_text(json.dumps({**summary, "evals": self.evals}, indent=1))
+        (self.dir / "sample.txt").write_text(sample)
+        self._plot(summary)
+
+    def _plot(self, summary: dict) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([int(r["step"]) for r in self.steps], [float(r["loss"]) for r in self.steps], lw=0.6, alpha=0.5,
+                label="train (one batch)")  # fmt: skip
+        for split in ("train", "val"):
+            ax.plot([int(r["step"]) for r in self.evals], [float(r[split]) for r in self.evals], "o-", ms=3,
+                    label=f"{split} (estimate)")  # fmt: skip
+        ax.set(
+            xlabel="step", ylabel="cross-entropy (nats/char)", title=f"final val loss {summary['final_val_loss']:.3f}"
+        )
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.dir / "loss_curve.png", dpi=120)
+        plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
+    parser = argparse.ArgumentParser(prog="python -m impl.gpt.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="starting configuration")
+    parser.add_argument("--out", required=True, help="directory for checkpoints, logs, loss curve and sample")
+    parser.add_argument("--data", default=None, help="tiny-shakespeare path (default: $TINYSHAKESPEARE or download)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for f in fields(TrainConfig):
+        kind = float if f.type is float else str if f.type is str else int
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help="(preset's value if unset)")
+    args = parser.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    return TrainConfig.from_name(args.preset, **overrides), args
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_args(argv)
+    summary = train(cfg, args.out, args.data, progress=not args.no_progress)
+    print(
+        f"val loss {summary['final_val_loss']:.4f} ({summary['final_eval_batches']} batches), "
+        f"{summary['tokens_per_s']:.0f} tokens/s, {summary['ms_per_iter']:.1f} ms/iter, "
+        f"wall {summary['wall_seconds']:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
