@@ -105,6 +105,17 @@ def _zero_run(stage: int, mixed: bool, rank: int, world_size: int) -> dict:
     return out
 
 
+def _accumulation_run(stage: int, rank: int, world_size: int) -> dict:
+    """One step over two micro-batches (each loss halved): stages 2-3 reduce each micro-batch's gradient
+    as backward makes it and add the shards up; stages 0-1 let autograd add the full gradients."""
+    zero = Zero(_model(), torch.optim.AdamW, stage=stage, **OPT)
+    x, y = _batch(0, rank, world_size)
+    for x_micro, y_micro in zip(x.chunk(2), y.chunk(2), strict=True):
+        (_loss(zero(x_micro), y_micro) / 2).backward()
+    zero.step()
+    return zero.state_dict()["model"]
+
+
 def _zero_redundancy_run(rank: int, world_size: int) -> dict:
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
@@ -157,6 +168,7 @@ def _resume_run(ckpt_in: str | None, ckpt_out: str | None, rank: int, world_size
 
 def _run_all(rank: int, world_size: int, ckpt_in: str | None, ckpt_out: str | None) -> dict:
     out = {"zero": {(s, m): _zero_run(s, m, rank, world_size) for s in STAGES for m in (False, True)}}
+    out["accumulation"] = {s: _accumulation_run(s, rank, world_size) for s in STAGES}
     out["zero_redundancy"] = _zero_redundancy_run(rank, world_size)
     out["fsdp2"] = _fsdp2_run(False, rank, world_size)
     out["fsdp2_mixed"] = _fsdp2_run(True, rank, world_size)
@@ -225,6 +237,14 @@ def test_fp32_matches_single_process_on_the_whole_batch(runs, single, stage, wor
         ours = rank_result["zero"][(stage, False)]["model"]
         _assert_params_close(ours, single["truth"])
     _assert_params_differ(ours, single["perturbed"])  # negative control: one changed input breaks the match
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES, ids=lambda n: f"world{n}")
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: f"stage{s}")
+def test_gradient_accumulation_matches_one_large_batch(runs, single, stage, world_size):
+    ours = runs[world_size][0]["accumulation"][stage]
+    _assert_params_close(ours, _params(_single(1)[0]))
+    _assert_params_differ(ours, _params(_single(1, perturb=True)[0]))
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES, ids=lambda n: f"world{n}")
