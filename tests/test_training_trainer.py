@@ -2,6 +2,7 @@
 
 import copy
 import os
+import shutil
 
 import pytest
 import torch
@@ -130,7 +131,8 @@ def test_fit_counts_to_a_total_and_resumes_from_the_newest_checkpoint(tmp_path):
 
 
 def test_in_process_resume_is_bitwise_on_the_device(tmp_path, device):
-    # On CUDA this also covers the CUDA RNG: the batches and the dropout masks are drawn on the device.
+    # On CUDA this also covers the CUDA RNG: the batches and the dropout masks are drawn on the device. The
+    # callback draws from the RNG too (as an evaluation on random batches does): the checkpoint must follow it.
     def build(seed, name):
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Embedding(11, 8), nn.Dropout(0.2), nn.Linear(8, 11)).to(device)
@@ -138,22 +140,22 @@ def test_in_process_resume_is_bitwise_on_the_device(tmp_path, device):
         data = lambda: torch.randint(0, 11, (4, 6), device=device)
         loss_fn = lambda m, t: F.cross_entropy(m(t[:, :-1]).flatten(0, 1), t[:, 1:].flatten())
         return Trainer(model, optimizer, loss_fn, data, grad_accum_steps=2, checkpoint_dir=tmp_path / name,
-                       progress=False)  # fmt: skip
+                       checkpoint_every=2, progress=False)  # fmt: skip
 
     def state(trainer):
         opt = trainer.optimizer.state_dict()["state"]
         return _params(trainer.model) + [v for s in opt.values() for v in s.values()]
 
+    evaluate = lambda step, loss: torch.rand(3, device=device)
     with set_deterministic(0):
         uninterrupted = build(0, "uninterrupted")
-        uninterrupted.fit(6)
+        uninterrupted.fit(6, callback=evaluate)
     with set_deterministic(0):
-        first = build(0, "crashed")
-        first.fit(3)
-        torch.rand(5, device=device)  # the crash: whatever ran after the checkpoint is lost
+        build(0, "crashed").fit(3, callback=evaluate)
+        shutil.rmtree(tmp_path / "crashed" / "step_00000003")  # the crash: step 3 never reached the disk
     second = build(1, "crashed")
-    assert second.resume().step == 3
-    second.fit(6)
+    assert second.resume().step == 2
+    second.fit(6, callback=evaluate)
     assert _bitwise_equal(state(second), state(uninterrupted))
 
 

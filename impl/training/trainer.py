@@ -164,7 +164,7 @@ class Trainer:
     def fit(self, num_steps: int, callback: Callable[[int, float], Any] | None = None) -> list[float]:
         """Train until `step_count == num_steps` (a total, so a resumed run stops where the original would);
         checkpoints every `checkpoint_every` steps and at the end; returns the losses of the steps taken here.
-        `callback(step, loss)` runs after each step."""
+        `callback(step, loss)` runs after each step, before that step's checkpoint."""
         if not isinstance(num_steps, int) or num_steps < 0:
             raise ValueError(f"num_steps must be an int >= 0, got {num_steps!r}")
         from tqdm.auto import tqdm
@@ -177,10 +177,10 @@ class Trainer:
                 losses.append(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
+                if callback is not None:  # before the checkpoint, so RNG draws in an evaluation are saved too
+                    callback(self.step_count, loss)
                 if self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
                     self.save()
-                if callback is not None:
-                    callback(self.step_count, loss)
         if self.checkpoint_dir is not None and self._saved_step != self.step_count:
             self.save()
         return losses
