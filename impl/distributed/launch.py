@@ -114,6 +114,7 @@ def spawn(
 
     `fn` and `args` must be picklable (a module-level function). Any rank failing raises `SpawnError` within
     `timeout_s` (each collective's limit) plus the time ranks take to exit; stragglers are then killed.
+    Under torchrun, `fn` runs in this process as its rank and the list holds that one result.
     """
     _check(fn, world_size, backend, timeout_s, start_method)
     if under_torchrun():
