@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from impl.common import tolerance
+from impl.common import assert_close_to_reference_error, tolerance
 from impl.gpt import GPT, GPTConfig
 from impl.gpt.model import _TRANSPOSED
 
@@ -132,6 +132,19 @@ def test_one_adamw_step_matches_transformers(device, our_model):
     for name, start in initial.items():
         if name.endswith("weight") and start.dim() == 2:
             assert not torch.allclose(after[name], start, **tolerance(torch.float32)), name
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_error_within_transformers_own(device, our_model):
+    """Training autocasts to bf16 on CUDA: ours must be as close to the fp32 logits as transformers is."""
+    ours = our_model.to(device).eval()
+    hf = ours.to_hf().eval()
+    x = tokens(3, BLOCK).to(device)
+    with torch.no_grad():
+        truth = ours(x)[0]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            ours_bf16, hf_bf16 = ours(x)[0], hf(x).logits
+    assert_close_to_reference_error(ours_bf16, hf_bf16, truth, name="bf16 logits")
 
 
 @pytest.mark.parametrize(

@@ -96,6 +96,14 @@ def test_sampling_from_a_checkpoint_is_reproducible(corpus, tmp_path):
     assert (tmp_path / "s.txt").read_text() == texts[0]
 
 
+@pytest.mark.gpu
+def test_trains_and_samples_on_cuda(corpus, tmp_path):
+    summary = train(TrainConfig(**{**TINY_RUN, "device": "cuda"}), tmp_path, corpus, progress=False)
+    assert summary["device"].startswith("cuda") and summary["final_val_loss"] < 5.0
+    model, tok = load_model(tmp_path / "ckpt", "cuda")
+    assert sample(model, tok, "First", 10, seed=1) == sample(model, tok, "First", 10, seed=1)
+
+
 def test_top_k_1_is_greedy():
     model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=16)).eval()
     start = torch.tensor([[3, 1, 4]])
