@@ -45,7 +45,8 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text).lower()).strip()
 
 
-def _clusters(n: int, pairs: list[tuple[int, int]]) -> Dedup:
+def clusters_from_pairs(n: int, pairs: list[tuple[int, int]]) -> Dedup:
+    """Connected components of n documents under the duplicate `pairs` (union-find), and the kept set."""
     parent = list(range(n))  # union-find over documents
 
     def root(i: int) -> int:
@@ -73,7 +74,7 @@ def exact_duplicates(docs: Sequence[str]) -> Dedup:
     for i, doc in enumerate(docs):
         key = hashlib.blake2b(normalize(doc).encode(), digest_size=16).digest()
         pairs.append((first.setdefault(key, i), i))
-    return _clusters(len(docs), pairs)
+    return clusters_from_pairs(len(docs), pairs)
 
 
 def _check_int(name: str, value: int, low: int) -> None:
@@ -150,4 +151,4 @@ def near_duplicates(
             candidates.update(itertools.combinations(members, 2))
     pairs = np.array(sorted(candidates), dtype=np.int64).reshape(-1, 2)  # (candidates, 2)
     estimate = (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1)  # (candidates,) estimated Jaccard
-    return _clusters(len(docs), pairs[estimate >= threshold].tolist())
+    return clusters_from_pairs(len(docs), pairs[estimate >= threshold].tolist())

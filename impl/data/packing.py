@@ -43,15 +43,19 @@ def _check_docs(docs: Sequence[Sequence[int]]) -> list[list[int]]:
         raise TypeError(f"docs must be a sequence of token-id sequences, got {type(docs).__name__}")
     out = []
     for i, doc in enumerate(docs):
+        if isinstance(doc, list):  # the common case, ahead of the slower abstract Sequence check
+            out.append(doc)
+            continue
         if isinstance(doc, torch.Tensor):
             if doc.dim() != 1:
                 raise ValueError(f"docs[{i}] must be a 1-D token tensor, got shape {tuple(doc.shape)}")
             doc = doc.tolist()
         if isinstance(doc, str | bytes) or not isinstance(doc, Sequence):
             raise TypeError(f"docs[{i}] must be a sequence of token ids, got {type(doc).__name__}")
+        out.append(list(doc))
+    for i, doc in enumerate(out):
         if not doc:
             raise ValueError(f"docs[{i}] must hold at least one token, got an empty document")
-        out.append(list(doc))
     return out
 
 
