@@ -226,6 +226,8 @@ def test_loading_into_another_config_is_refused(tmp_path):
         ({"step": -1}, ValueError, r"step must be an int >= 0, got -1"),
         ({"step": 1.5}, ValueError, r"step must be an int >= 0, got 1\.5"),
         ({"model": "weights"}, TypeError, r"model must be a torch\.nn\.Module, got str"),
+        ({"optimizer": "adam"}, TypeError, r"optimizer must be a torch\.optim\.Optimizer or None, got str"),
+        ({"scheduler": 3}, TypeError, r"scheduler must have state_dict\(\)/load_state_dict\(\) or be None, got int"),
         ({"keep_last": 0}, ValueError, r"keep_last must be None or an int >= 1, got 0"),
         ({"config": [1, 2]}, TypeError, r"config must be a dict or None, got list"),
         ({"config": {"fn": print}}, TypeError, r"cannot checkpoint 'config\.fn'.*got builtin_function_or_method"),
@@ -238,9 +240,11 @@ def test_bad_arguments_are_named(tmp_path, kwargs, error, match):
     assert not list(tmp_path.glob("step_*"))
 
 
-def test_load_of_a_missing_directory_names_it(tmp_path):
+def test_load_of_a_missing_directory_or_a_wrong_model_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"step_00000009 does not exist"):
         load_checkpoint(tmp_path / "step_00000009")
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got dict"):
+        resume(tmp_path, model={})
 
 
 _leaves = st.one_of(

@@ -97,6 +97,17 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, aliases
 
 
+def _check_types(model: Any, optimizer: Any, scheduler: Any, *, model_required: bool) -> None:
+    if not isinstance(model, nn.Module) and (model_required or model is not None):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if scheduler is not None and not all(hasattr(scheduler, a) for a in ("state_dict", "load_state_dict")):
+        raise TypeError(
+            f"scheduler must have state_dict()/load_state_dict() or be None, got {type(scheduler).__name__}"
+        )
+
+
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors stores each storage once: a tensor whose storage is already taken gets its own copy."""
     taken: set[int] = set()
@@ -187,8 +198,7 @@ def save_checkpoint(
     then delete all but the newest `keep_last` checkpoints. Returns the new checkpoint's path."""
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_types(model, optimizer, scheduler, model_required=True)
     if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last must be None or an int >= 1, got {keep_last!r}")
     if config is not None and not isinstance(config, dict):
@@ -283,6 +293,7 @@ def load_checkpoint(
     """
     from safetensors.torch import load_file
 
+    _check_types(model, optimizer, scheduler, model_required=False)
     path = Path(path)
     manifest = _verify(path)
     try:
@@ -322,12 +333,23 @@ def load_checkpoint(
     )
 
 
-def resume(directory: str | os.PathLike, **load_kwargs: Any) -> Checkpoint | None:
+def resume(
+    directory: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    data: Any | None = None,
+    config: dict | None = None,
+    restore_rng: bool = True,
+) -> Checkpoint | None:
     """Load the newest valid checkpoint under `directory` (arguments as `load_checkpoint`).
 
     An invalid newer checkpoint is skipped with a warning (and kept on disk). Returns None when `directory`
     holds no checkpoint at all; raises `CheckpointError` listing every problem when none of them is valid.
     """
+    _check_types(model, optimizer, scheduler, model_required=False)
+    load_kwargs = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data": data, "config": config}
     directory = Path(directory)
     candidates = _step_dirs(directory)
     if not candidates:
@@ -335,7 +357,7 @@ def resume(directory: str | os.PathLike, **load_kwargs: Any) -> Checkpoint | Non
     problems = []
     for _, path in candidates:
         try:
-            checkpoint = load_checkpoint(path, **load_kwargs)
+            checkpoint = load_checkpoint(path, restore_rng=restore_rng, **load_kwargs)
         except CheckpointError as err:
             problems.append(str(err))
             continue
