@@ -18,6 +18,7 @@ code when a value lies within 1/65,535 of a midpoint between two codes.
 """
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -57,9 +58,10 @@ def nf4_levels_from_quantiles(offset: float = 0.9677083) -> torch.Tensor:
     return (levels / levels.abs().max()).sort().values.float()
 
 
+@cache
 def dynamic_code() -> torch.Tensor:
     """The signed 8-bit dynamic code (Dettmers 2015): for exponent e = 0..6 there are 2^e evenly spaced fractions
-    in (0.1, 1), times 10^(e-6), with both signs; plus 0 and 1. 256 sorted fp32 values."""
+    in (0.1, 1), times 10^(e-6), with both signs; plus 0 and 1. 256 sorted fp32 values (cached: do not modify)."""
     values = [0.0, 1.0]
     for e in range(7):
         edges = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32)
@@ -89,16 +91,22 @@ def _nearest_level(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(scaled, midpoints.to(scaled.device))
 
 
-def _quantize_8bit(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise 8-bit quantization with bitsandbytes' CPU rounding: value -> nearest of 65,536 grid points on
-    [-1, 1] -> the code nearest to that grid point. Returns (uint8 indices, fp32 absmax per block)."""
+@cache
+def _grid_to_dynamic_code() -> torch.Tensor:
+    """For each of the 65,536 evenly spaced points on [-1, 1], the index of the nearest dynamic code (cached)."""
+    grid = -1.0 + (2.0 * torch.arange(_LUT_POINTS, dtype=torch.float32)) / (_LUT_POINTS - 1)
+    return _nearest_level(grid, dynamic_code())
+
+
+def _quantize_8bit(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization to the dynamic code with bitsandbytes' CPU rounding: value -> nearest of 65,536
+    grid points on [-1, 1] -> the code nearest to that grid point. Returns (uint8 indices, fp32 absmax per block)."""
     n = flat.numel()
     blocks = torch.nn.functional.pad(flat, (0, -n % blocksize)).view(-1, blocksize)  # zeros leave absmax unchanged
     absmax = blocks.abs().amax(dim=1)
     scaled = (blocks * (1.0 / absmax).unsqueeze(1)).clamp(-1, 1)
     point = (((scaled + 1.0) * 0.5) * (_LUT_POINTS - 1) + 0.5).nan_to_num(0.0).long()  # truncation, as the C cast
-    grid = -1.0 + (2.0 * torch.arange(_LUT_POINTS, dtype=torch.float32, device=flat.device)) / (_LUT_POINTS - 1)
-    indices = _nearest_level(grid, code)[point]
+    indices = _grid_to_dynamic_code().to(flat.device)[point]
     indices = indices.masked_fill((absmax == 0).unsqueeze(1), 0)  # an all-zero block stores index 0
     return indices.reshape(-1)[:n].to(torch.uint8), absmax
 
@@ -145,11 +153,18 @@ class NF4Tensor:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight back in `dtype` (default: the original dtype): level * block constant, computed in fp32."""
-        indices = torch.stack([self.packed >> 4, self.packed & 0xF], dim=1).reshape(-1)[: self.numel]
-        values = NF4_CODE.to(self.packed.device)[indices.long()]
+        byte_values = _byte_to_levels().to(self.packed.device)  # (256, 2): both levels of every possible byte
+        values = byte_values[self.packed.int()].reshape(-1)[: self.numel]  # (numel,)
         values = torch.nn.functional.pad(values, (0, -self.numel % self.blocksize))
         values = values.view(-1, self.blocksize) * self.block_absmax().unsqueeze(1)  # (n_blocks, blocksize)
         return values.reshape(-1)[: self.numel].view(self.shape).to(dtype or self.dtype)
+
+
+@cache
+def _byte_to_levels() -> torch.Tensor:
+    """(256, 2) fp32: the NF4 levels of the high and the low nibble of each byte value (cached; do not modify)."""
+    byte = torch.arange(256)
+    return torch.stack([NF4_CODE[byte >> 4], NF4_CODE[byte & 0xF]], dim=1)
 
 
 def expected_bits_per_param(blocksize: int = 64, double_quant: bool = False) -> float:
@@ -180,5 +195,5 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     if not double_quant:
         return NF4Tensor(packed, absmax, w.shape, w.dtype, blocksize)
     offset = absmax.mean()
-    qabsmax, scale = _quantize_8bit(absmax - offset, dynamic_code().to(flat.device), ABSMAX_BLOCKSIZE)
+    qabsmax, scale = _quantize_8bit(absmax - offset, ABSMAX_BLOCKSIZE)
     return NF4Tensor(packed, qabsmax, w.shape, w.dtype, blocksize, absmax_scale=scale, absmax_offset=offset)
