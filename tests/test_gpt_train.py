@@ -24,6 +24,7 @@ TINY_RUN = dict(
 )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_overfits_200_characters():
     """Memorized: from its first 32 characters, greedy decoding writes the other 168 exactly."""
     assert len(TINY_TEXT) == 200
