@@ -76,3 +76,22 @@ def test_model_must_be_ours():
 def test_start_without_cache(model):
     with pytest.raises(ValueError, match="start must be 0 without a cache, got 3"):
         model(IDS, start=3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (
+            dict(positions=torch.zeros(2, 4, dtype=torch.long)),
+            r"positions must have input_ids' shape \(2, 5\), got \(2, 4\)",
+        ),
+        (
+            dict(key_mask=torch.ones(2, 6, dtype=torch.bool)),
+            r"key_mask must be \(batch, start \+ seq\) = \(2, 5\), got \(2, 6\)",
+        ),
+    ],
+    ids=["positions", "key-mask"],
+)
+def test_forward_shapes(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model(IDS, **kwargs)

@@ -232,9 +232,15 @@ class Llama(nn.Module):
         True where a slot holds a real token (default: all do); `cache` holds slots [0, start) from earlier
         calls and receives the new ones; without a cache, `start` must be 0.
         """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         if cache is None and start != 0:
             raise ValueError(f"start must be 0 without a cache, got {start}")
+        if positions is not None and positions.shape != (B, T):
+            raise ValueError(f"positions must have input_ids' shape {(B, T)}, got {tuple(positions.shape)}")
+        if key_mask is not None and key_mask.shape != (B, start + T):
+            raise ValueError(f"key_mask must be (batch, start + seq) = {(B, start + T)}, got {tuple(key_mask.shape)}")
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
