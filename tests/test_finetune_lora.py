@@ -200,3 +200,18 @@ def test_merge_twice_and_without_lora(llama):
         layer.merge()
     with pytest.raises(ValueError, match="model has no LoRA layers"):
         merge_lora(llama)
+
+
+def test_load_adapter_rejects_unsupported_config(llama, tmp_path):
+    import json
+
+    ours = apply_lora(copy.deepcopy(llama), TARGETS, R, ALPHA)
+    save_adapter(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"use_rslora": True}))
+    with pytest.raises(ValueError, match=r"load_adapter supports plain LoRA only.*'use_rslora': True"):
+        load_adapter(llama, tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"target_modules": ["q_proj"]}))
+    with pytest.raises(ValueError, match=r"adapter weights do not match the model: missing \[\], unexpected"):
+        load_adapter(llama, tmp_path)
+    assert not any(isinstance(m, LoRALinear) for m in llama.modules()), "a failed load must leave the model as it was"

@@ -204,28 +204,23 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if any(unsupported.values()) or config.get("bias", "none") != "none" or config.get("fan_in_fan_out"):
         raise ValueError(f"load_adapter supports plain LoRA only; the adapter config sets {unsupported}")
     targets = config["target_modules"]
-    apply_lora(
-        model,
-        [targets] if isinstance(targets, str) else targets,
-        config["r"],
-        config["lora_alpha"],
-        config.get("lora_dropout", 0.0),
-    )
-    expected = {}
-    for name, layer in _lora_layers(model, "load_adapter").items():
-        expected[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
-        expected[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+    args = ([targets] if isinstance(targets, str) else targets, config["r"], config["lora_alpha"])
+    names = find_targets(model, *args, config.get("lora_dropout", 0.0))  # checks everything before any change
+    expected = {f"{_PEFT_PREFIX}{name}.lora_{ab}.weight" for name in names for ab in "AB"}
     tensors = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
-    if set(tensors) != set(expected):
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if set(tensors) != expected:
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise ValueError(f"adapter weights do not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for name, module in names.items():
+        for key, shape in (("A", (args[1], module.in_features)), ("B", (module.out_features, args[1]))):
+            got = tuple(tensors[f"{_PEFT_PREFIX}{name}.lora_{key}.weight"].shape)
+            if got != shape:
+                raise ValueError(f"adapter tensor {name}.lora_{key}.weight must have shape {shape}, got {got}")
+    apply_lora(model, *args, config.get("lora_dropout", 0.0))
     with torch.no_grad():
-        for key, param in expected.items():
-            if tensors[key].shape != param.shape:
-                raise ValueError(
-                    f"adapter tensor {key} must have shape {tuple(param.shape)}, got {tuple(tensors[key].shape)}"
-                )
-            param.copy_(tensors[key])
+        for n, p in model.named_parameters():
+            if f"{_PEFT_PREFIX}{n}" in expected:
+                p.copy_(tensors[f"{_PEFT_PREFIX}{n}"])
     return model
 
 
