@@ -72,13 +72,17 @@ def _set_device(backend: str, local_rank: int) -> None:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _worker(rank, world_size, port, backend, timeout_s, fn, args, conn) -> None:
     """Body of one spawned rank: join the group, run fn, send back ("ok", result) or ("error", traceback)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
         _set_device(backend, rank)
         if backend == "gloo":  # share the cores out, as torchrun's OMP_NUM_THREADS=1 does: oversubscribed
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))  # pools spin, 10x slower
+            torch.set_num_threads(max(1, _cores() // world_size))  # thread pools spin and run 10x slower
         store = dist.TCPStore(_HOST, port, world_size, is_master=False, timeout=timeout)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         reply = ("ok", fn(rank, world_size, *args))
