@@ -291,9 +291,11 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]
     parser.add_argument("--out", required=True, help="directory for checkpoints, logs, loss curve and sample")
     parser.add_argument("--data", default=None, help="tiny-shakespeare path (default: $TINYSHAKESPEARE or download)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cpu, gpu = TrainConfig.from_name("cpu"), TrainConfig.from_name("gpu")
     for f in fields(TrainConfig):
         kind = float if f.type is float else str if f.type is str else int
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help="(preset's value if unset)")
+        preset_values = f"cpu: {getattr(cpu, f.name)}, gpu: {getattr(gpu, f.name)}"
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=f"({preset_values})")
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     return TrainConfig.from_name(args.preset, **overrides), args
