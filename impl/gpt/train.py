@@ -275,9 +275,8 @@ class _Log:
         for split in ("train", "val"):
             ax.plot([int(r["step"]) for r in self.evals], [float(r[split]) for r in self.evals], "o-", ms=3,
                     label=f"{split} (estimate)")  # fmt: skip
-        ax.set(
-            xlabel="step", ylabel="cross-entropy (nats/char)", title=f"final val loss {summary['final_val_loss']:.3f}"
-        )
+        title = f"final val loss {summary['final_val_loss']:.3f} ({summary['final_eval_batches']} batches)"
+        ax.set(xlabel="step", ylabel="cross-entropy (nats/char)", title=title)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
