@@ -28,7 +28,9 @@ Usage (the GPT CLI does exactly this):
 
 A run killed at any moment and restarted with the same code ends with bitwise the same parameters and
 optimizer state as an uninterrupted run (CPU, fp32; tests/test_training_resume.py), because a checkpoint holds
-every piece of state the next step reads: weights, optimizer, scheduler, every RNG and the data position.
+every piece of state the next step reads: weights, optimizer, scheduler, every RNG and the data position. The
+callback runs before its step's checkpoint is written, so an evaluation that draws random batches there is
+replayed exactly too.
 """
 
 import os
