@@ -88,7 +88,7 @@ def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor,
 def _nearest_level(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Index of the nearest level of the sorted `code`; a value exactly between two levels takes the lower one."""
     midpoints = (code[:-1] + code[1:]) / 2
-    return torch.bucketize(scaled, midpoints.to(scaled.device))
+    return torch.bucketize(scaled, midpoints.to(scaled.device), out_int32=True)
 
 
 @cache
