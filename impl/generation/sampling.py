@@ -17,6 +17,8 @@ def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """-inf outside the smallest set of most likely tokens whose probabilities sum to at least p."""
+    if p >= 1.0:  # everything; the sums below would round to 1 early and cut tokens under fp32's epsilon
+        return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     drop_sorted = probs.cumsum(dim=-1) - probs >= p  # the more likely tokens before this one already reach p
@@ -37,6 +39,6 @@ def sample_next(
     logits = logits.float() / temperature
     if top_k is not None:
         logits = filter_top_k(logits, top_k)
-    if top_p is not None and top_p < 1.0:
+    if top_p is not None:
         logits = filter_top_p(logits, top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
