@@ -33,7 +33,7 @@ SWEEPS = {
     "seq_len": {"smoke": [128], "small": [128, 256, 512], "full": [256, 512, 1024, 2048]},
     "n_docs": {"smoke": [100], "small": [500, 2000, 7222], "full": [500, 2000, 7222]},
 }
-TOKEN_BUDGET = {"smoke": 512, "small": 8192, "full": 65536}  # real tokens per measured training step
+TOKEN_BUDGET = {"smoke": 512, "small": 4096, "full": 65536}  # real tokens per measured training step
 STRATEGIES = ("pad", "greedy", "ffd")
 BUCKETS = [2**k for k in range(3, 13)]  # upper edges: (0, 8], (8, 16], ..., (2048, 4096]
 ALL_PAIRS_MAX_DOCS = 600  # the quadratic baseline runs only up to here

@@ -138,3 +138,13 @@ def test_bad_packed_attention_inputs(packed):
     with pytest.raises(ValueError, match=r"position_ids must be a \(rows, seq_len\) tensor shaped like input_ids"):
         gpt = GPT(GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=8))
         gpt_packed_forward(gpt, p.input_ids, p.position_ids[:, :3], p.document_ids)
+
+
+@pytest.mark.gpu
+def test_segments_through_the_triton_kernel_on_cuda(packed):
+    """The per-segment path lets the FlashAttention-2 Triton kernel serve packed rows without a mask argument."""
+    _, p = packed
+    doc_ids = p.document_ids.cuda()
+    q, k, v = (torch.randn(doc_ids.shape[0], 2, SEQ_LEN, 16, device="cuda") for _ in range(3))
+    out = packed_attention(q, k, v, doc_ids, method="segments", backend="triton")
+    torch.testing.assert_close(out, packed_attention(q, k, v, doc_ids, method="sdpa"), **ATOL_RTOL)
