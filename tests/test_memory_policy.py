@@ -265,3 +265,25 @@ def test_refuses_to_stack_on_transformers_checkpointing():
     model.activation_checkpointing_enable()
     with pytest.raises(ValueError, match="gradient checkpointing is already on"):
         apply_checkpointing(model, "every")
+
+
+@pytest.mark.parametrize("policy,k", POLICIES, ids=[p for p, _ in POLICIES])
+def test_project_gpt_policies_bitwise_equal_to_plain(policy, k, idx):
+    from impl.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=SEQ, vocab_size=VOCAB, n_layer=5, n_head=HEADS, n_embd=WIDTH, dropout=0.1)
+    model = GPT(config).train()
+
+    def loss_fn(m, i):
+        return m(i, targets=i)[1]
+
+    with saved_tensor_bytes(exclude=model.parameters()) as plain_saved:
+        loss_fn(model, idx)
+    plain = _step(model, idx, loss_fn)
+    ours = _step(apply_checkpointing(model, policy, k=k), idx, loss_fn)
+    _assert_bitwise(ours, plain)
+    assert not torch.equal(_step(model, idx, loss_fn, seed=2)[1][0], plain[1][0])  # control: dropout matters
+    with saved_tensor_bytes(exclude=model.parameters()) as saved:
+        loss_fn(model, idx)
+    assert 2 * saved.bytes < plain_saved.bytes

@@ -1,0 +1,214 @@
+"""Gradient checkpointing: memory and step time of one training step against depth, per policy.
+
+Two stacks: a pre-LN GPT (attention and residual dropout) and transformers' Llama decoder. Variants: no
+checkpointing (the baseline); ours with `every`, `every_k` (k=2) and `sqrt` (round(sqrt L) segments, Chen et al.
+2016); `torch.utils.checkpoint` per block and `checkpoint_sequential` with the same segment count (which, unlike
+ours, leaves its last segment unchecked); transformers' own checkpointing for Llama.
+
+The measured call is one forward + backward with the gradient buffers already allocated (one step is run first),
+so its peak memory is the activations plus backward's transients, the part checkpointing changes. `saved MiB` is
+what autograd keeps after the forward (`saved_tensor_bytes`, parameters excluded). On the `sqrt` rows,
+`activation cut` (peak without / with checkpointing) and `step time ratio` (interleaved medians) record the issue's
+targets: at 32 layers a cut of at least 3x for at most 1.4x the time (one extra forward: 4/3 in theory).
+"""
+
+import math
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as torch_ckpt
+from torch import nn
+
+from impl.common import MemoryMeter, synchronize
+from impl.memory import apply_checkpointing, checkpoint_sequential, saved_tensor_bytes
+from impl.memory.policy import segment_lengths
+
+SWEEPS = {"n_layer": {"smoke": [2, 4], "small": [4, 8, 16, 32], "full": [8, 16, 32, 64]}}
+SHAPES = {  # width, heads, batch, seq_len
+    "smoke": (32, 4, 2, 32),
+    "small": (64, 4, 4, 128),
+    "full": (512, 8, 8, 1024),
+}
+VOCAB = 256
+EVERY_K = 2
+TIMING_REPEATS = {"smoke": 1, "small": 5, "full": 5}
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block (GPT-2 layout) with attention and residual dropout."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.1):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.fc, self.fc_out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(C // self.heads)
+        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        y = (self.drop(att.softmax(-1)) @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        x = x + self.drop(self.proj(y))
+        return x + self.drop(self.fc_out(F.gelu(self.fc(self.ln_2(x)))))
+
+
+def _plain(blocks, x):
+    for block in blocks:
+        x = block(x)
+    return x
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, n_layer: int, width: int, heads: int):
+        super().__init__()
+        self.wte, self.drop = nn.Embedding(VOCAB, width), nn.Dropout(0.1)
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(n_layer))
+        self.ln_f, self.head = nn.LayerNorm(width), nn.Linear(width, VOCAB)
+        self.run_blocks = _plain  # how the stack is run: swapped for torch's checkpointing variants
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.run_blocks(self.blocks, self.drop(self.wte(idx)))
+        return F.cross_entropy(self.head(self.ln_f(x)).flatten(0, 1), idx.flatten())
+
+
+def _torch_every(blocks, x):
+    for block in blocks:
+        x = torch_ckpt.checkpoint(block, x, use_reentrant=False)
+    return x
+
+
+def _torch_sqrt(blocks, x):
+    return torch_ckpt.checkpoint_sequential(blocks, len(segment_lengths(len(blocks), "sqrt")), x, use_reentrant=False)
+
+
+def _ours_sequential_sqrt(blocks, x):
+    return checkpoint_sequential(blocks, len(segment_lengths(len(blocks), "sqrt")), x)
+
+
+def _gpt(n_layer, size, device):
+    width, heads, batch, seq = SHAPES[size]
+    torch.manual_seed(0)
+    model = TinyGPT(n_layer, width, heads).to(device).train()
+    idx = torch.randint(0, VOCAB, (batch, seq), device=device)
+    return model, lambda: model(idx), batch * seq
+
+
+def _llama(n_layer, size, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    width, heads, batch, seq = SHAPES[size]
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=n_layer,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        max_position_embeddings=seq,
+        attention_dropout=0.1,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device).train()
+    idx = torch.randint(0, VOCAB, (batch, seq), device=device)
+    return model, lambda: model(input_ids=idx, labels=idx, use_cache=False).loss, batch * seq
+
+
+def _set_variant(model, variant):
+    """Put `model` in the checkpointing mode `variant` names."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    apply_checkpointing(model, "none")
+    if isinstance(model, TinyGPT):
+        model.run_blocks = {"torch-every": _torch_every, "torch-sqrt": _torch_sqrt}.get(variant, _plain)
+        if variant == "ours-sequential-sqrt":
+            model.run_blocks = _ours_sequential_sqrt
+    if variant == "transformers-every":
+        model.activation_checkpointing_enable()  # gradient_checkpointing_enable(), under its current name
+    elif variant.startswith("ours-") and variant != "ours-sequential-sqrt":
+        policy = variant.removeprefix("ours-")
+        apply_checkpointing(model, policy, k=EVERY_K if policy == "every_k" else None)
+
+
+def _step_fn(model, loss_fn, device):
+    def step():
+        model.zero_grad(set_to_none=False)  # buffers stay allocated: the peak is activations and transients
+        loss_fn().backward()
+        synchronize(device)
+
+    step()
+    return step
+
+
+def _peak(step, device) -> int:
+    with MemoryMeter(device) as mem:
+        step()
+    return mem.peak
+
+
+def _targets(model, loss_fn, variant, device, size) -> dict:
+    """Peak and time of this variant against no checkpointing, measured here so the row carries the ratio."""
+    _set_variant(model, "none")
+    plain = _step_fn(model, loss_fn, device)
+    plain_peak = _peak(plain, device)
+    _set_variant(model, variant)
+    ours = _step_fn(model, loss_fn, device)
+    ours_peak = _peak(ours, device)
+    times = {"none": [], variant: []}
+    for _ in range(TIMING_REPEATS[size]):
+        for name, step in (("none", plain), (variant, ours)):
+            _set_variant(model, name)
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    _set_variant(model, variant)
+    return {
+        "activation cut": plain_peak / ours_peak,
+        "step time ratio": statistics.median(times[variant]) / statistics.median(times["none"]),
+    }
+
+
+def _run(bench, device, size, n_layer, variant, build, stack):
+    model, loss_fn, tokens = build(n_layer, size, device)
+    _set_variant(model, variant)
+    with saved_tensor_bytes(exclude=model.parameters()) as saved:
+        loss_fn()
+    metrics = {"saved MiB": saved.bytes / 2**20}
+    if variant.endswith("sqrt"):
+        metrics.update(_targets(model, loss_fn, variant, device, size))
+    step = _step_fn(model, loss_fn, device)
+    width, heads, batch, seq = SHAPES[size]
+    bench(
+        step,
+        variant=variant,
+        params={"stack": stack, "n_layer": n_layer, "width": width, "heads": heads, "batch": batch, "seq_len": seq},
+        sweep="n_layer",
+        dtype=torch.float32,
+        baseline=variant == "none",
+        reference=variant in ("torch-sqrt", "transformers-every"),
+        tokens=tokens,
+        metrics=metrics,
+    )
+
+
+GPT_VARIANTS = ["none", "ours-every", "ours-every_k", "ours-sqrt", "ours-sequential-sqrt", "torch-every", "torch-sqrt"]
+LLAMA_VARIANTS = ["none", "ours-every", "ours-sqrt", "transformers-every"]
+
+
+@pytest.mark.benchmark(group="memory-gpt-train-step")
+@pytest.mark.parametrize("variant", GPT_VARIANTS)
+def test_gpt_train_step(bench, device, size, n_layer, variant):
+    _run(bench, device, size, n_layer, variant, _gpt, "gpt")
+
+
+@pytest.mark.benchmark(group="memory-llama-train-step")
+@pytest.mark.parametrize("variant", LLAMA_VARIANTS)
+def test_llama_train_step(bench, device, size, n_layer, variant):
+    _run(bench, device, size, n_layer, variant, _llama, "llama")
