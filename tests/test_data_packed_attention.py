@@ -79,6 +79,7 @@ def test_gpt_packed_logits_equal_each_document_alone(gpt, packed, method, backen
     _assert_some_document_differs(docs, p, plain, lambda d: gpt(torch.tensor([docs[d]]))[0][0])
 
 
+@pytest.mark.slow  # the first transformers model import in a process takes seconds
 @torch.no_grad()
 def test_gpt_packed_forward_matches_transformers_gpt2_with_packed_positions(gpt, packed):
     """The live reference: transformers builds the same block-diagonal mask from restarting position ids."""
