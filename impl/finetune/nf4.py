@@ -70,6 +70,11 @@ def dynamic_code() -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """`x` (1-D) with zeros appended up to a multiple of `multiple` (no copy when it already is one)."""
+    return torch.nn.functional.pad(x, (0, -x.numel() % multiple)) if x.numel() % multiple else x
+
+
 def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale each block of `flat` (fp32, 1-D) by its absmax. Returns (scaled values in [-1, 1], absmax per block).
     Full blocks are multiplied by 1/absmax and a partial last block divided by its absmax, as bitsandbytes does."""
@@ -102,7 +107,7 @@ def _quantize_8bit(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, to
     """Blockwise 8-bit quantization to the dynamic code with bitsandbytes' CPU rounding: value -> nearest of 65,536
     grid points on [-1, 1] -> the code nearest to that grid point. Returns (uint8 indices, fp32 absmax per block)."""
     n = flat.numel()
-    blocks = torch.nn.functional.pad(flat, (0, -n % blocksize)).view(-1, blocksize)  # zeros leave absmax unchanged
+    blocks = _pad_to_multiple(flat, blocksize).view(-1, blocksize)  # zeros leave absmax unchanged
     absmax = blocks.abs().amax(dim=1)
     scaled = (blocks * (1.0 / absmax).unsqueeze(1)).clamp(-1, 1)
     point = (((scaled + 1.0) * 0.5) * (_LUT_POINTS - 1) + 0.5).nan_to_num(0.0).long()  # truncation, as the C cast
@@ -147,7 +152,7 @@ class NF4Tensor:
         if not self.double_quant:
             return self.absmax
         code = dynamic_code().to(self.absmax.device)
-        values = torch.nn.functional.pad(code[self.absmax.long()], (0, -self.absmax.numel() % ABSMAX_BLOCKSIZE))
+        values = _pad_to_multiple(code[self.absmax.int()], ABSMAX_BLOCKSIZE)
         values = (values.view(-1, ABSMAX_BLOCKSIZE) * self.absmax_scale.unsqueeze(1)).reshape(-1)  # (blocks,)
         return values[: self.absmax.numel()] + self.absmax_offset
 
@@ -155,7 +160,7 @@ class NF4Tensor:
         """The weight back in `dtype` (default: the original dtype): level * block constant, computed in fp32."""
         byte_values = _byte_to_levels().to(self.packed.device)  # (256, 2): both levels of every possible byte
         values = byte_values[self.packed.int()].reshape(-1)[: self.numel]  # (numel,)
-        values = torch.nn.functional.pad(values, (0, -self.numel % self.blocksize))
+        values = _pad_to_multiple(values, self.blocksize)
         values = values.view(-1, self.blocksize) * self.block_absmax().unsqueeze(1)  # (n_blocks, blocksize)
         return values.reshape(-1)[: self.numel].view(self.shape).to(dtype or self.dtype)
 
