@@ -69,6 +69,7 @@ def test_linear4bit_input_gradient_matches_dequantized_linear():
     torch.testing.assert_close(grad_ours, grad_ref, **tolerance(torch.float32))
 
 
+@pytest.mark.slow  # eight training steps of a tiny 4-bit Llama
 def test_qlora_finetune_lowers_loss_and_trains_only_adapters():
     model = apply_qlora(_llama(), TARGETS, r=4, alpha=8)
     assert all(isinstance(m.base_layer, Linear4bit) for m in model.modules() if isinstance(m, LoRALinear))
