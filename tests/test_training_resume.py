@@ -102,7 +102,12 @@ def _worker(argv: list[str]) -> None:
 
 
 def _run(directory: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = str(Path(__file__).resolve().parents[1])  # so `impl` imports even when the project is not installed
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    }
     cmd = [sys.executable, __file__, str(directory), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
