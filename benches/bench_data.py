@@ -93,6 +93,7 @@ def _packing(bench, device, size, corpora, dist, strategy, seq_len):
             "padding % (corpus)": 100 * padding_fraction(corpus_packed),
             "rows (corpus)": corpus_packed.input_ids.shape[0],
         },
+        plot=("throughput", "padding %"),
     )
 
 
@@ -123,6 +124,7 @@ def test_length_histogram(bench, corpora, dist, length_bucket):
         items=max(1, len(members)),
         items_unit="docs/s",
         metrics={"count": len(members), "share %": 100 * len(members) / len(docs)},
+        plot=("count",),
     )
 
 

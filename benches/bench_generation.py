@@ -163,6 +163,7 @@ def test_decode(bench, device, size, provider, context):
         baseline=provider == "ours-no-cache",
         reference=provider == "transformers-dynamic",
         tokens=1,
+        plot=("throughput",),
     )
     median = bench.benchmark.stats.stats.median
     _MEDIANS[("decode", provider, context)] = median

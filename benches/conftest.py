@@ -56,9 +56,11 @@ class Bench:
         items: float | None = None,
         items_unit: str = "items/s",
         metrics: dict | None = None,
+        plot: tuple[str, ...] = (),
     ) -> dict:
         """Measure `fn()`; returns the extra_info it recorded. Throughput comes from the first of flops
-        (TFLOP/s), tokens (tokens/s) or items (`items_unit`) that is given, per call."""
+        (TFLOP/s), tokens (tokens/s) or items (`items_unit`) that is given, per call. `plot` names further panels
+        of the group's sweep plot: keys of `metrics`, or "throughput"."""
         info = self.benchmark.extra_info
         info.update(
             variant=variant,
@@ -71,6 +73,7 @@ class Bench:
             baseline=baseline,
             reference=reference,
             metrics=dict(metrics or {}),
+            plot=list(plot),
             oom=False,
         )
 

@@ -29,7 +29,7 @@ def test_alloc(bench, device, provider, n):
     elems = n if provider == "big" else n // 4
     bench(lambda: torch.ones(elems, device=device), variant=provider, params={"n": n}, sweep="n",
           dtype=torch.float32, baseline=provider == "big", items=elems, items_unit="elems/s",
-          metrics={"formula bytes": 4 * elems})
+          metrics={"formula bytes": 4 * elems}, plot=("formula bytes", "throughput"))
 
 
 @pytest.mark.benchmark(group="alloc")
@@ -87,6 +87,7 @@ def test_bench_fixture_records_memory_sizes_and_throughput(smoke_json):
     assert info["params"] == {"n": 1024} and info["sweep"] == "n" and info["baseline"] is True
     assert info["dtype"] == "float32" and info["device"] == "cpu" and info["size"] == "smoke"
     assert info["throughput_unit"] == "elems/s" and info["throughput"] > 0
+    assert info["plot"] == ["formula bytes", "throughput"] and info["metrics"] == {"formula bytes": 4096}
     oom = rows["test_alloc_oom"]["extra_info"]
     assert oom["oom"] is True and oom["peak_bytes"] is None
 

@@ -30,6 +30,7 @@ class Row:
     oom: bool = False
     dtype: str | None = None
     metrics: dict = field(default_factory=dict)
+    plot: list = field(default_factory=list)  # extra panels for the sweep plot: metric names or "throughput"
 
 
 @dataclass
@@ -91,7 +92,8 @@ def _row(bench: dict) -> Row:
         reference=bool(extra.get("reference")),
         oom=oom,
         dtype=extra.get("dtype"),
-        metrics={k: v for k, v in (extra.get("metrics") or {}).items()},
+        metrics=dict(extra.get("metrics") or {}),
+        plot=[str(p) for p in extra.get("plot") or []],
     )
 
 

@@ -102,8 +102,8 @@ def _sort_value(x):
 
 
 def plot_sweep(rows: list[Row], path: Path, title: str) -> bool:
-    """Time (and peak memory, when measured) against the sweep parameter, a line per variant; False if the
-    group has no numeric sweep to plot."""
+    """Time, peak memory (when measured) and the panels rows ask for (`Row.plot`) against the sweep parameter,
+    a line per variant; False if the group has no numeric sweep to plot."""
     sweep = next((r.sweep for r in rows if r.sweep), None)
     points = [r for r in rows if sweep and isinstance(r.params.get(sweep), int | float) and r.median_s is not None]
     if not points or len({r.params[sweep] for r in points}) < 2:
@@ -118,13 +118,18 @@ def plot_sweep(rows: list[Row], path: Path, title: str) -> bool:
     for r in points:
         label = " ".join([r.variant, *(f"{k}={r.params.get(k)}" for k in others)])
         series.setdefault(label, []).append(r)
-    with_memory = any(r.peak_bytes for r in points)
-    fig, axes = plt.subplots(1, 2 if with_memory else 1, figsize=(11 if with_memory else 6, 4), squeeze=False)
+    panels = [("median time (ms)", lambda r: r.median_s * 1e3)]
+    if any(r.peak_bytes for r in points):
+        panels.append(("peak memory (MiB)", lambda r: r.peak_bytes / MIB if r.peak_bytes else None))
+    for name in dict.fromkeys(p for r in points for p in r.plot):
+        if name == "throughput":
+            unit = next((r.throughput_unit for r in points if r.throughput_unit), "throughput")
+            panels.append((unit, lambda r: r.throughput))
+        else:
+            panels.append((name, lambda r, name=name: _number(r.metrics.get(name))))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     xs = [r.params[sweep] for r in points]
     log_x = min(xs) > 0 and max(xs) / min(xs) >= 8
-    panels = [("median time (ms)", lambda r: r.median_s * 1e3)]
-    if with_memory:
-        panels.append(("peak memory (MiB)", lambda r: r.peak_bytes / MIB if r.peak_bytes else None))
     for ax, (ylabel, value) in zip(axes[0], panels):
         ys_all = []
         for label, members in sorted(series.items()):
@@ -146,6 +151,10 @@ def plot_sweep(rows: list[Row], path: Path, title: str) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _number(x) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
 
 
 def _run_title(run: Run) -> str:
