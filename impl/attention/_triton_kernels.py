@@ -18,11 +18,15 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _tile_ptrs(base, rows, offs_d, n_rows, head_dim):
-    """Pointers and mask of a (rows, head_dim) tile of one contiguous (seq, head_dim) matrix."""
-    ptrs = base + rows[:, None] * head_dim + offs_d[None, :]
-    mask = (rows[:, None] < n_rows) & (offs_d[None, :] < head_dim)
-    return ptrs, mask
+def _tile_ptrs(base, rows, offs_d, head_dim):
+    """Pointers to a (rows, head_dim) tile of one contiguous (seq, head_dim) matrix."""
+    return base + rows[:, None] * head_dim + offs_d[None, :]
+
+
+@triton.jit
+def _tile_mask(rows, offs_d, n_rows, head_dim):
+    """Which entries of that tile exist (rows and columns past the true sizes do not)."""
+    return (rows[:, None] < n_rows) & (offs_d[None, :] < head_dim)
 
 
 @triton.jit
@@ -43,10 +47,11 @@ def flash_fwd_kernel(
 ):  # fmt: skip
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets may pass 2^31
     kv_bh = (pid_bh // n_heads) * (n_heads // GROUP) + (pid_bh % n_heads) // GROUP
-    q_base, kv_base = Q + pid_bh * n_q * head_dim, kv_bh * n_k * head_dim
+    q_base, kv_base = pid_bh * n_q * head_dim, kv_bh * n_k * head_dim
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
-    q_ptrs, q_mask = _tile_ptrs(q_base, rows, offs_d, n_q, head_dim)
+    q_ptrs = _tile_ptrs(Q + q_base, rows, offs_d, head_dim)
+    q_mask = _tile_mask(rows, offs_d, n_q, head_dim)
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base-2 scores)
@@ -57,7 +62,8 @@ def flash_fwd_kernel(
         hi = tl.minimum((pid_m + 1) * BLOCK_M, n_k)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
-        k_ptrs, kv_mask = _tile_ptrs(K + kv_base, cols, offs_d, n_k, head_dim)
+        k_ptrs = _tile_ptrs(K + kv_base, cols, offs_d, head_dim)
+        kv_mask = _tile_mask(cols, offs_d, n_k, head_dim)
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         s = tl.where(_valid(rows, cols, n_k, CAUSAL), s, float("-inf"))
@@ -65,12 +71,13 @@ def flash_fwd_kernel(
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs, _ = _tile_ptrs(V + kv_base, cols, offs_d, n_k, head_dim)
+        v_ptrs = _tile_ptrs(V + kv_base, cols, offs_d, head_dim)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
-    o_ptrs, o_mask = _tile_ptrs(Out + pid_bh * n_q * head_dim, rows, offs_d, n_q, head_dim)
+    o_ptrs = _tile_ptrs(Out + q_base, rows, offs_d, head_dim)
+    o_mask = _tile_mask(rows, offs_d, n_q, head_dim)
     tl.store(o_ptrs, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=o_mask)
     tl.store(LSE + pid_bh * n_q + rows, m_i + tl.math.log2(l_i), mask=rows < n_q)
 
@@ -87,8 +94,9 @@ def flash_bwd_dkdv_kernel(
     q_base, kv_base = pid_bh * n_q * head_dim, kv_bh * n_k * head_dim
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m, offs_d = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
-    k_ptrs, kv_mask = _tile_ptrs(K + kv_base, cols, offs_d, n_k, head_dim)
-    v_ptrs, _ = _tile_ptrs(V + kv_base, cols, offs_d, n_k, head_dim)
+    k_ptrs = _tile_ptrs(K + kv_base, cols, offs_d, head_dim)
+    kv_mask = _tile_mask(cols, offs_d, n_k, head_dim)
+    v_ptrs = _tile_ptrs(V + kv_base, cols, offs_d, head_dim)
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
 
@@ -99,8 +107,9 @@ def flash_bwd_dkdv_kernel(
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
     for start_m in range(lo, n_q, BLOCK_M):
         rows = start_m + offs_m
-        q_ptrs, q_mask = _tile_ptrs(Q + q_base, rows, offs_d, n_q, head_dim)
-        do_ptrs, _ = _tile_ptrs(DO + q_base, rows, offs_d, n_q, head_dim)
+        q_ptrs = _tile_ptrs(Q + q_base, rows, offs_d, head_dim)
+        q_mask = _tile_mask(rows, offs_d, n_q, head_dim)
+        do_ptrs = _tile_ptrs(DO + q_base, rows, offs_d, head_dim)
         q = tl.load(q_ptrs, mask=q_mask, other=0.0)
         do = tl.load(do_ptrs, mask=q_mask, other=0.0)
         lse = tl.load(LSE + pid_bh * n_q + rows, mask=rows < n_q, other=0.0)
@@ -113,8 +122,9 @@ def flash_bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
 
-    dk_ptrs, dkv_mask = _tile_ptrs(DK + pid_bh * n_k * head_dim, cols, offs_d, n_k, head_dim)
-    dv_ptrs, _ = _tile_ptrs(DV + pid_bh * n_k * head_dim, cols, offs_d, n_k, head_dim)
+    dk_ptrs = _tile_ptrs(DK + pid_bh * n_k * head_dim, cols, offs_d, head_dim)
+    dkv_mask = _tile_mask(cols, offs_d, n_k, head_dim)
+    dv_ptrs = _tile_ptrs(DV + pid_bh * n_k * head_dim, cols, offs_d, head_dim)
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=dkv_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=dkv_mask)
 
@@ -131,8 +141,9 @@ def flash_bwd_dq_kernel(
     q_base, kv_base = pid_bh * n_q * head_dim, kv_bh * n_k * head_dim
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
-    q_ptrs, q_mask = _tile_ptrs(Q + q_base, rows, offs_d, n_q, head_dim)
-    do_ptrs, _ = _tile_ptrs(DO + q_base, rows, offs_d, n_q, head_dim)
+    q_ptrs = _tile_ptrs(Q + q_base, rows, offs_d, head_dim)
+    q_mask = _tile_mask(rows, offs_d, n_q, head_dim)
+    do_ptrs = _tile_ptrs(DO + q_base, rows, offs_d, head_dim)
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     do = tl.load(do_ptrs, mask=q_mask, other=0.0)
     lse = tl.load(LSE + pid_bh * n_q + rows, mask=rows < n_q, other=0.0)
@@ -144,8 +155,9 @@ def flash_bwd_dq_kernel(
         hi = tl.minimum((pid_m + 1) * BLOCK_M, n_k)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
-        k_ptrs, kv_mask = _tile_ptrs(K + kv_base, cols, offs_d, n_k, head_dim)
-        v_ptrs, _ = _tile_ptrs(V + kv_base, cols, offs_d, n_k, head_dim)
+        k_ptrs = _tile_ptrs(K + kv_base, cols, offs_d, head_dim)
+        kv_mask = _tile_mask(cols, offs_d, n_k, head_dim)
+        v_ptrs = _tile_ptrs(V + kv_base, cols, offs_d, head_dim)
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -155,5 +167,5 @@ def flash_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    dq_ptrs, _ = _tile_ptrs(DQ + q_base, rows, offs_d, n_q, head_dim)
+    dq_ptrs = _tile_ptrs(DQ + q_base, rows, offs_d, head_dim)
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
