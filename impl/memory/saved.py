@@ -33,12 +33,8 @@ def _key(t: torch.Tensor) -> tuple[str, int]:
 @contextmanager
 def saved_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[SavedBytes]:
     """Count the distinct storages autograd saves for backward inside the block; storages of `exclude`
-    (typically `model.parameters()`, which exist anyway) are left out.
-
-    >>> with saved_tensor_bytes(exclude=model.parameters()) as saved:
-    ...     loss = model(x)
-    >>> saved.bytes
-    """
+    (typically `model.parameters()`, which exist anyway) are left out. Usage:
+    `with saved_tensor_bytes(exclude=model.parameters()) as saved: loss = model(x)`, then `saved.bytes`."""
     skip = {_key(t) for t in exclude}
     result = SavedBytes()
 
