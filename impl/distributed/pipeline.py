@@ -77,12 +77,12 @@ class PipelineSchedule:
     ):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-        if not isinstance(group, dist.ProcessGroup):
-            raise TypeError(f"group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if not isinstance(n_microbatches, int) or isinstance(n_microbatches, bool) or n_microbatches < 1:
             raise ValueError(f"n_microbatches must be a positive int, got {n_microbatches!r}")
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
         self.module, self.group, self.schedule, self.n_microbatches = module, group, schedule, n_microbatches
         self.n_stages, self.stage = dist.get_world_size(group), dist.get_rank(group)
         self.is_first, self.is_last = self.stage == 0, self.stage == self.n_stages - 1
@@ -102,7 +102,7 @@ class PipelineSchedule:
             raise TypeError(f"{name} must be a torch.Tensor on stage {self.stage}, got {type(batch).__name__}")
         if batch.shape[0] % self.n_microbatches:
             raise ValueError(
-                f"{name}' batch size must be divisible by n_microbatches={self.n_microbatches}, got {batch.shape[0]}"
+                f"{name}'s batch size must be divisible by n_microbatches={self.n_microbatches}, got {batch.shape[0]}"
             )
         return list(batch.chunk(self.n_microbatches))
 
@@ -154,6 +154,7 @@ class PipelineSchedule:
                 self.timeline.append(Interval("B", i, start - t0, time.perf_counter() - t0))
                 if not self.is_first and x.grad is not None:
                     pending.append((dist.isend(x.grad, self._peer(self.stage - 1), group=self.group), x.grad))
+            pending = [(work, t) for work, t in pending if not work.is_completed()]  # free what has been sent
         for work, _ in pending:
             work.wait()
         self.step_time = time.perf_counter() - t0
