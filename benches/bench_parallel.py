@@ -1,0 +1,203 @@
+"""Model parallelism on the project's GPT: the pipeline bubble and activation memory of GPipe and 1F1B, and the
+step time and per-rank memory of Megatron tensor parallelism at TP 1, 2, 4 (CPU ranks on gloo; on a GPU
+machine the same code runs one rank per GPU over nccl).
+
+Pipeline (`pipeline-schedules`): p stages, m micro-batches of a fixed size, so a step's work grows with m. Each
+row records the bubble fraction every stage measured from its own timeline (1 - compute time / step time,
+averaged over the stages and the timed steps) beside the ideal (p - 1) / (m + p - 1) of equal stages with free
+communication, and every stage's peak bytes during a step (MemoryMeter: exact on CPU): GPipe's grow with m,
+1F1B's stop at the p - s micro-batches stage s keeps in flight. The row's peak memory is stage 0's.
+
+Tensor parallel (`tensor-parallel-gpt`): one training step (forward, vocab-parallel loss, backward, AdamW) of the
+same GPT split over TP ranks; the row records rank 0's parameter bytes and its peak bytes during the step.
+
+Ranks stay up for a whole benchmark; one timed call is one synchronized step on every rank, driven from here
+through pipes.
+"""
+
+import multiprocessing
+import threading
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from impl.common import MemoryMeter, tensor_bytes
+from impl.distributed import PipelineSchedule, spawn, tensor_parallelize
+from impl.distributed.pipeline import gpt_loss, split_gpt
+from impl.gpt.model import GPT, GPTConfig
+
+SWEEPS = {
+    "n_microbatches": {"smoke": [1, 4], "small": [1, 2, 4, 8, 16], "full": [1, 2, 4, 8, 16, 32]},
+    "tp": {"smoke": [1, 2], "small": [1, 2, 4], "full": [1, 2, 4]},
+}
+# (n_embd, n_head, n_layer, seq, batch): batch is sequences per micro-batch (pipeline) or per step (TP).
+SIZES = {"smoke": (32, 4, 4, 16, 2), "small": (128, 4, 4, 64, 4), "full": (256, 8, 8, 128, 8)}
+STAGES = {"smoke": 2, "small": 4, "full": 4}
+VOCAB = 65
+TIMEOUT_S = 120
+
+
+def _gpt(size: str) -> GPT:
+    n_embd, n_head, n_layer, seq, _ = SIZES[size]
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=seq, vocab_size=VOCAB, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+
+
+def _tokens(batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, VOCAB, (batch, seq), generator=g), torch.randint(0, VOCAB, (batch, seq), generator=g)
+
+
+class _PipelineRank:
+    def __init__(self, size: str, schedule: str, n_microbatches: int):
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        self.stage = split_gpt(_gpt(size), world_size)[rank]
+        self.pipeline = PipelineSchedule(self.stage, dist.group.WORLD, schedule, n_microbatches, gpt_loss)
+        _, _, _, seq, micro = SIZES[size]
+        self.tokens = _tokens(micro * n_microbatches, seq)
+        self.bubbles = []
+
+    def step(self) -> None:
+        self.pipeline.step(*self.tokens)
+        self.stage.zero_grad(set_to_none=False)
+        self.bubbles.append(self.pipeline.bubble_fraction())
+
+    def measure(self) -> dict:
+        with MemoryMeter("cpu") as meter:
+            self.step()
+        self.bubbles.clear()
+        return {"peak": meter.peak}
+
+    def stats(self) -> dict:
+        return {"bubble": sum(self.bubbles) / max(1, len(self.bubbles))}
+
+
+class _TensorParallelRank:
+    def __init__(self, size: str):
+        self.model = tensor_parallelize(_gpt(size), dist.group.WORLD)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        _, _, _, seq, batch = SIZES[size]
+        self.tokens = _tokens(batch, seq)
+
+    def step(self) -> None:
+        _, loss = self.model(*self.tokens)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def measure(self) -> dict:
+        self.step()  # the optimizer's state exists from here on, as in every later step
+        with MemoryMeter("cpu") as meter:
+            self.step()
+        return {"peak": meter.peak, "params": tensor_bytes(*self.model.parameters())}
+
+    def stats(self) -> dict:
+        return {}
+
+
+def _serve(rank: int, world_size: int, kind: str, args: tuple, conns) -> None:
+    """A rank's loop: build, answer one measured step, then obey "step" / "stats" until "stop"."""
+    runner = _PipelineRank(*args) if kind == "pipeline" else _TensorParallelRank(*args)
+    conn = conns[rank]
+    conn.send(runner.measure())
+    while (command := conn.recv()) != "stop":
+        if command == "step":
+            runner.step()
+            conn.send(None)
+        else:
+            conn.send(runner.stats())
+
+
+class _Ranks:
+    """`world_size` ranks running `_serve` in a background spawn; `call(command)` sends it to all and waits."""
+
+    def __init__(self, world_size: int, kind: str, args: tuple):
+        pipes = [multiprocessing.get_context("forkserver").Pipe() for _ in range(world_size)]
+        self.conns = [parent for parent, _ in pipes]
+        self.error: BaseException | None = None
+        target = (_serve, world_size, kind, args, [child for _, child in pipes])
+        self.thread = threading.Thread(target=self._run, args=target, daemon=True)
+        self.thread.start()
+        self.measured = self._replies()
+
+    def _run(self, *target) -> None:
+        try:
+            spawn(*target, timeout_s=TIMEOUT_S)
+        except BaseException as err:  # surfaced in the caller's thread
+            self.error = err
+
+    def _replies(self) -> list:
+        out = []
+        for conn in self.conns:
+            while not conn.poll(0.5):
+                if self.error is not None or not self.thread.is_alive():
+                    raise RuntimeError("a rank failed") from self.error
+            out.append(conn.recv())
+        return out
+
+    def call(self, command: str = "step") -> list:
+        for conn in self.conns:
+            conn.send(command)
+        return self._replies()
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.send("stop")
+        self.thread.join(TIMEOUT_S)
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.mark.benchmark(group="pipeline-schedules")
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipeline(bench, size, schedule, n_microbatches):
+    p = STAGES[size]
+    _, _, n_layer, seq, micro = SIZES[size]
+    ranks = _Ranks(p, "pipeline", (size, schedule, n_microbatches))
+    try:
+        peaks = [reply["peak"] for reply in ranks.measured]
+        info = bench(
+            ranks.call,
+            variant=schedule,
+            params={"n_microbatches": n_microbatches, "stages": p, "microbatch": micro, "seq": seq, "layers": n_layer},
+            sweep="n_microbatches",
+            dtype=torch.float32,
+            baseline=schedule == "gpipe",
+            tokens=micro * n_microbatches * seq,
+            metrics={
+                "bubble formula": round((p - 1) / (n_microbatches + p - 1), 3),
+                **{f"peak KiB stage {s}": round(peak / 1024, 1) for s, peak in enumerate(peaks)},
+            },
+            plot=("bubble measured", "bubble formula", "peak KiB stage 0"),
+        )
+        bubbles = [reply["bubble"] for reply in ranks.call("stats")]
+        info["metrics"]["bubble measured"] = round(sum(bubbles) / len(bubbles), 3)
+        info["peak_bytes"] = peaks[0]  # the parent holds no activations; stage 0 holds the most
+    finally:
+        ranks.close()
+
+
+@pytest.mark.benchmark(group="tensor-parallel-gpt")
+def test_tensor_parallel(bench, size, tp):
+    n_embd, _, n_layer, seq, batch = SIZES[size]
+    ranks = _Ranks(tp, "tp", (size,))
+    try:
+        rank0 = ranks.measured[0]
+        info = bench(
+            ranks.call,
+            variant="megatron-tp",
+            params={"tp": tp, "n_embd": n_embd, "layers": n_layer, "seq": seq, "batch": batch},
+            sweep="tp",
+            dtype=torch.float32,
+            baseline=tp == 1,
+            tokens=batch * seq,
+            metrics={
+                "param KiB/rank": round(rank0["params"] / 1024, 1),
+                "step peak KiB/rank": round(rank0["peak"] / 1024, 1),
+            },
+            plot=("param KiB/rank", "step peak KiB/rank"),
+        )
+        info["peak_bytes"] = rank0["peak"]
+    finally:
+        ranks.close()
