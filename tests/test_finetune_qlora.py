@@ -130,3 +130,30 @@ def test_apply_qlora_twice_and_bad_target():
         apply_qlora(model, ["q_proj"], r=2, alpha=4)
     with pytest.raises(TypeError, match="base_layer must hold a floating-point weight, got Linear4bit"):
         model.model.layers[0].self_attn.q_proj.merge()
+
+
+def test_qlora_model_matches_peft_on_bitsandbytes():
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    reference = _llama()
+    for name, module in list(reference.named_modules()):
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            q = bnb.nn.Linear4bit(
+                module.in_features, module.out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4"
+            )
+            q.load_state_dict(module.state_dict())
+            parent, _, leaf = name.rpartition(".")
+            setattr(reference.get_submodule(parent), leaf, q.to("cpu"))
+    reference = get_peft_model(reference, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)).train()
+    ours = apply_qlora(_llama(), TARGETS, r=4, alpha=8, compute_dtype=torch.float32).train()
+    g = torch.Generator().manual_seed(2)
+    theirs = {n.removeprefix("base_model.model.").replace(".default", ""): p for n, p in reference.named_parameters()}
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_" in name:
+                theirs[name].copy_(torch.randn(p.shape, generator=g) * 0.1)
+                p.copy_(theirs[name])
+    tokens = torch.randint(0, 64, (2, 12), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens).logits, reference(tokens).logits, **tolerance(torch.float32))
