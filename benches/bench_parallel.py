@@ -1,6 +1,6 @@
 """Model parallelism on the project's GPT: the pipeline bubble and activation memory of GPipe and 1F1B, and the
-step time and per-rank memory of Megatron tensor parallelism at TP 1, 2, 4 (CPU ranks on gloo; on a GPU
-machine the same code runs one rank per GPU over nccl).
+step time and per-rank memory of Megatron tensor parallelism at TP 1, 2, 4 (CPU ranks on gloo; the memory
+figures are MemoryMeter's exact CPU tensor accounting).
 
 Pipeline (`pipeline-schedules`): p stages, m micro-batches of a fixed size, so a step's work grows with m. Each
 row records the bubble fraction every stage measured from its own timeline (1 - compute time / step time,

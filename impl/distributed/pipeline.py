@@ -89,6 +89,7 @@ class PipelineSchedule:
         if self.is_last and loss_fn is None:
             raise ValueError("loss_fn must be given on the last stage, got None")
         self.loss_fn = loss_fn
+        self.device = next(module.parameters()).device  # where received activations are put
         self.order = schedule_order(schedule, self.n_stages, self.stage, n_microbatches)
         self.timeline: list[Interval] = []
         self.step_time = 0.0
@@ -107,7 +108,7 @@ class PipelineSchedule:
         return list(batch.chunk(self.n_microbatches))
 
     def _send_activation(self, y: torch.Tensor, pending: list) -> None:
-        header = torch.zeros(2 + _MAX_DIMS, dtype=torch.long)
+        header = torch.zeros(2 + _MAX_DIMS, dtype=torch.long, device=y.device)
         header[0], header[1] = _DTYPES.index(y.dtype), y.dim()
         header[2 : 2 + y.dim()] = torch.tensor(y.shape)
         y = y.detach().contiguous()
@@ -115,10 +116,10 @@ class PipelineSchedule:
             pending.append((dist.isend(t, self._peer(self.stage + 1), group=self.group), t))
 
     def _recv_activation(self) -> torch.Tensor:
-        header = torch.empty(2 + _MAX_DIMS, dtype=torch.long)
+        header = torch.empty(2 + _MAX_DIMS, dtype=torch.long, device=self.device)
         dist.recv(header, self._peer(self.stage - 1), group=self.group)
         dtype, ndim = _DTYPES[header[0]], int(header[1])
-        x = torch.empty(header[2 : 2 + ndim].tolist(), dtype=dtype)
+        x = torch.empty(header[2 : 2 + ndim].tolist(), dtype=dtype, device=self.device)
         dist.recv(x, self._peer(self.stage - 1), group=self.group)
         return x.requires_grad_(x.is_floating_point())
 

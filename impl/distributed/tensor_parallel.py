@@ -193,7 +193,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         softmax, local, outside = ctx.saved_tensors
         grad_logits = softmax.clone()  # d loss_n / d logit_nv = softmax_nv - [v == target_n]
-        rows = torch.arange(grad_logits.size(0))
+        rows = torch.arange(grad_logits.size(0), device=grad_logits.device)
         grad_logits[rows, local] -= (~outside).to(grad_logits.dtype)
         grad_logits = grad_logits * (grad / grad_logits.size(0))
         return grad_logits.reshape(ctx.shape).to(ctx.dtype), None, None, None
