@@ -50,7 +50,13 @@ def _ours_run(schedule: str, n_microbatches: int, rank: int, world_size: int) ->
     stage = split_gpt(_gpt(), world_size)[rank]
     pipeline = PipelineSchedule(stage, dist.group.WORLD, schedule, n_microbatches, gpt_loss)
     loss = pipeline.step(*_tokens())
-    return {"loss": loss, "grads": _grads(stage), "in_flight": pipeline.max_in_flight}
+    timeline = [(t.kind, t.microbatch, t.start, t.end) for t in pipeline.timeline]
+    return {
+        "loss": loss,
+        "grads": _grads(stage),
+        "in_flight": pipeline.max_in_flight,
+        "timeline": (timeline, pipeline.order, pipeline.step_time, pipeline.bubble_fraction()),
+    }
 
 
 def _peak_bytes(schedule: str, n_microbatches: int, rank: int, world_size: int) -> int:
@@ -190,6 +196,17 @@ def test_peak_memory_grows_with_microbatches_for_gpipe_only(runs, world_size):
 
 
 # ---- the schedules themselves ----
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES, ids=lambda n: f"pp{n}")
+def test_timeline_records_every_operation_in_schedule_order(runs, world_size):
+    for rank_result in runs[world_size]:
+        for (schedule, m), result in rank_result["ours"].items():
+            timeline, order, step_time, bubble = result["timeline"]
+            assert [(kind, i) for kind, i, _, _ in timeline] == order
+            bounds = [t for _, _, start, end in timeline for t in (start, end)]
+            assert bounds == sorted(bounds) and bounds[0] >= 0 and bounds[-1] <= step_time, (schedule, m)
+            assert 0.0 <= bubble < 1.0
 
 
 @pytest.mark.parametrize("n_microbatches", MICROBATCHES, ids=lambda m: f"m{m}")
