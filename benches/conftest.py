@@ -12,9 +12,12 @@ Sweeps follow the size: a bench module declares `SWEEPS = {"seq_len": {"smoke": 
 
 import importlib.metadata
 import math
+import re
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +43,28 @@ class Bench:
     benchmark: object
     device: torch.device
     size: str
+    artifacts: Path
+
+    def save_image(self, name: str, image) -> Path:
+        """Save a picture beside the benchmark JSON (`<name>.png`); the report shows it under the group's table.
+        `image`: a PIL image, or a float tensor (3, H, W) or (H, W) with values in [0, 1]."""
+        from PIL import Image
+
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"name must use only letters, digits, '.', '_' and '-', got {name!r}")
+        if isinstance(image, torch.Tensor):
+            if image.dim() not in (2, 3) or (image.dim() == 3 and image.shape[0] not in (1, 3)):
+                raise ValueError(f"image must have shape (3, H, W), (1, H, W) or (H, W), got {tuple(image.shape)}")
+            pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+            pixels = pixels.squeeze(0) if pixels.dim() == 3 and pixels.shape[0] == 1 else pixels
+            image = Image.fromarray((pixels.permute(1, 2, 0) if pixels.dim() == 3 else pixels).numpy())
+        elif not isinstance(image, Image.Image):
+            raise TypeError(f"image must be a PIL image or a torch.Tensor, got {type(image).__name__}")
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        path = self.artifacts / f"{name}.png"
+        image.save(path)
+        self.benchmark.extra_info.setdefault("images", []).append(path.name)
+        return path
 
     def __call__(
         self,
@@ -113,10 +138,17 @@ class Bench:
         return info
 
 
+@pytest.fixture(scope="session")
+def artifacts_dir(pytestconfig: pytest.Config) -> Path:
+    """Where benchmarks save pictures: beside --benchmark-json when given, else a temporary folder."""
+    json_path = pytestconfig.getoption("benchmark_json", None)
+    return Path(json_path).parent if json_path else Path(tempfile.mkdtemp(prefix="impl-bench-"))
+
+
 @pytest.fixture
-def bench(benchmark, device: torch.device, size: str) -> Bench:
-    """Measure a callable the project's way; see `Bench.__call__`."""
-    return Bench(benchmark, device, size)
+def bench(benchmark, device: torch.device, size: str, artifacts_dir: Path) -> Bench:
+    """Measure a callable the project's way; see `Bench.__call__` and `Bench.save_image`."""
+    return Bench(benchmark, device, size, artifacts_dir)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

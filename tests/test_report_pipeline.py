@@ -34,6 +34,7 @@ def test_alloc(bench, device, provider, n):
 
 @pytest.mark.benchmark(group="alloc")
 def test_alloc_oom(bench, device):
+    bench.save_image("checker", (torch.arange(64).reshape(8, 8) % 2).float())
     def fn():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 PiB")
     bench(fn, variant="huge", params={"n": 2**50})
@@ -90,6 +91,7 @@ def test_bench_fixture_records_memory_sizes_and_throughput(smoke_json):
     assert info["plot"] == ["formula bytes", "throughput"] and info["metrics"] == {"formula bytes": 4096}
     oom = rows["test_alloc_oom"]["extra_info"]
     assert oom["oom"] is True and oom["peak_bytes"] is None
+    assert oom["images"] == ["checker.png"] and (smoke_json.parent / "checker.png").is_file()
 
 
 def test_report_renders_tables_plots_and_oom(smoke_json, tmp_path):
@@ -103,6 +105,7 @@ def test_report_renders_tables_plots_and_oom(smoke_json, tmp_path):
     # The plain pytest-benchmark group has no extra_info: its variants and sweep are inferred from params.
     assert "test_plain kind=mean" in text
     assert (tmp_path / "foreign--bench.png").exists()
+    assert "![checker.png](bench--checker.png)" in text and (tmp_path / "bench--checker.png").is_file()
 
 
 def test_several_runs_render_side_by_side(smoke_json, tmp_path):

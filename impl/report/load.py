@@ -31,6 +31,7 @@ class Row:
     dtype: str | None = None
     metrics: dict = field(default_factory=dict)
     plot: list = field(default_factory=list)  # extra panels for the sweep plot: metric names or "throughput"
+    images: list = field(default_factory=list)  # PNG files saved beside the JSON by bench.save_image
 
 
 @dataclass
@@ -94,6 +95,7 @@ def _row(bench: dict) -> Row:
         dtype=extra.get("dtype"),
         metrics=dict(extra.get("metrics") or {}),
         plot=[str(p) for p in extra.get("plot") or []],
+        images=[str(p) for p in extra.get("images") or []],
     )
 
 

@@ -1,6 +1,7 @@
 """Benchmark rows -> a markdown report with one table per group and a plot per sweep."""
 
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -153,6 +154,20 @@ def plot_sweep(rows: list[Row], path: Path, title: str) -> bool:
     return True
 
 
+def _images(rows: list[Row], run: Run, out_dir: Path) -> list[str]:
+    """Pictures the group's benchmarks saved beside their JSON, copied next to the report and shown."""
+    lines = []
+    for name in dict.fromkeys(name for r in rows for name in r.images):
+        source = run.path.parent / name
+        if not source.is_file():
+            lines += [f"(picture `{name}` was not found beside {run.path.name})", ""]
+            continue
+        target = out_dir / f"{_slug(run.label)}--{name}"
+        shutil.copyfile(source, target)
+        lines += [f"![{name}]({target.name})", ""]
+    return lines
+
+
 def _number(x) -> float | None:
     return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
 
@@ -229,6 +244,7 @@ def render(runs: list[Run], out_dir: str | Path, title: str = "Benchmark report"
             png = f"{_slug(group)}--{_slug(run.label)}.png"
             if plot_sweep(rows, out_dir / png, f"{group} — {_run_title(run)}"):
                 lines += [f"![{group}]({png})", ""]
+            lines += _images(rows, run, out_dir)
     path = out_dir / "README.md"
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return path
