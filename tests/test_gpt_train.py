@@ -59,8 +59,10 @@ def test_short_real_run_beats_val_loss_2_5(shakespeare_path, tmp_path):
     log = json.loads((tmp_path / "log.json").read_text())
     assert log["evals"][-1]["val"] == summary["final_val_loss"]
     assert log["evals"][0]["step"] == 250
-    for name in ("losses.csv", "evals.csv", "loss_curve.png", "sample.txt"):
+    for name in ("losses.csv", "evals.csv", "loss_curve.png", "sample.txt", "report.md"):
         assert (tmp_path / name).stat().st_size > 0, name
+    report = (tmp_path / "report.md").read_text()
+    assert f"{summary['final_val_loss']:.4f}" in report and "![loss curve](loss_curve.png)" in report
 
 
 @pytest.fixture

@@ -56,6 +56,17 @@ def test_minimal_foreign_json_renders(tmp_path, capsys):
     assert "peak memory" not in text  # a column it lacks is left out
 
 
+def test_training_run_sections_are_included_with_links_made_relative(tmp_path):
+    path = tmp_path / "foreign.json"
+    path.write_text(json.dumps(MINIMAL))
+    (tmp_path / "gpt-cpu").mkdir()
+    (tmp_path / "gpt-cpu" / "report.md").write_text("### a run\n\n![loss curve](loss_curve.png) [web](https://x.org)\n")
+    assert report_main([str(path), "-o", str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "## Training runs" in text and "![loss curve](gpt-cpu/loss_curve.png)" in text
+    assert "[web](https://x.org)" in text
+
+
 def test_impl_help_lists_every_entry_point(capsys):
     assert impl_main(["--help"]) == 0
     out = capsys.readouterr().out

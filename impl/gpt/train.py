@@ -5,7 +5,7 @@ The recipe of karpathy/nanoGPT `train.py` with `config/train_shakespeare_char.py
 GPT-3 (Brown et al. 2020, appendix B): linear warm-up, then cosine decay to `min_lr` at `lr_decay_iters`.
 Configuration is a dataclass with named presets and one CLI flag per field; bf16 autocast on CUDA.
 
-    python -m impl.gpt.train --preset cpu --out runs/cpu     # log.json, losses.csv, loss_curve.png, sample.txt
+    python -m impl.gpt.train --preset cpu --out runs/cpu  # losses, loss_curve.png, sample.txt, report.md
 
 A run with checkpoints in OUT/ckpt resumes from the newest one; one written for another model refuses to load.
 """
@@ -228,7 +228,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, data_path: str | Path | None = 
 
 
 class _Log:
-    """losses.csv (every step), evals.csv, and at the end log.json, loss_curve.png and sample.txt."""
+    """losses.csv (every step), evals.csv, and at the end log.json, loss_curve.png, sample.txt and report.md."""
 
     def __init__(self, out_dir: Path, start: int):
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -262,6 +262,41 @@ class _Log:
         (self.dir / "log.json").write_text(json.dumps({**summary, "evals": self.evals}, indent=1))
         (self.dir / "sample.txt").write_text(sample)
         self._plot(summary)
+        self._report(summary, sample)
+
+    def _report(self, summary: dict, sample: str) -> None:
+        """report.md: the run as a report section (`python -m impl.report` shows every `<out>/*/report.md`)."""
+        from impl.common import device_name
+
+        cfg = summary["config"]
+        device = torch.device(summary["device"])
+        where = (
+            f"{device_name(device)} ({device.type}, {torch.get_num_threads()} torch threads), torch {torch.__version__}"
+        )
+        shape = f"{cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, block {cfg['block_size']}"
+        lines = [
+            f"### GPT `{self.dir.name}`: {summary['params'] / 1e6:.2f}M parameters, {shape}",
+            "",
+            f"- machine: {where}",
+            f"- steps: {summary['steps']}, batch {cfg['batch_size']} x {cfg['grad_accum_steps']} accumulation, "
+            f"lr {cfg['learning_rate']}, dropout {cfg['dropout']}"
+            + (f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] else ""),
+            f"- final val loss **{summary['final_val_loss']:.4f}** (train {summary['final_train_loss']:.4f}), "
+            f"estimated on {summary['final_eval_batches']} batches; nanoGPT's published figure for the `cpu` "
+            "preset's configuration is 1.88",
+            f"- training throughput: {summary['tokens_per_s']:.0f} tokens/s, {summary['ms_per_iter']:.1f} ms/iter "
+            f"(evaluation excluded); wall {summary['wall_seconds']:.1f} s (evaluation included)",
+            "",
+            "![loss curve](loss_curve.png)",
+            "",
+            "A sample from the final model:",
+            "",
+            "```text",
+            sample.strip("\n"),
+            "```",
+            "",
+        ]
+        (self.dir / "report.md").write_text("\n".join(lines))
 
     def _plot(self, summary: dict) -> None:
         import matplotlib

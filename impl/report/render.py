@@ -154,6 +154,22 @@ def plot_sweep(rows: list[Row], path: Path, title: str) -> bool:
     return True
 
 
+def _run_sections(out_dir: Path) -> list[str]:
+    """Sections written by training CLIs into `<out>/<run>/report.md` (loss curves, samples), links made
+    relative to the report."""
+    sections = sorted(out_dir.glob("*/report.md"))
+    if not sections:
+        return []
+    lines = ["## Training runs", ""]
+    for section in sections:
+        folder = section.parent.name
+        text = re.sub(
+            r"\]\((?![a-z]+:|/|#)([^)]+)\)", lambda m, folder=folder: f"]({folder}/{m.group(1)})", section.read_text()
+        )
+        lines += [text.rstrip(), ""]
+    return lines
+
+
 def _images(rows: list[Row], run: Run, out_dir: Path) -> list[str]:
     """Pictures the group's benchmarks saved beside their JSON, copied next to the report and shown."""
     lines = []
@@ -245,6 +261,7 @@ def render(runs: list[Run], out_dir: str | Path, title: str = "Benchmark report"
             if plot_sweep(rows, out_dir / png, f"{group} — {_run_title(run)}"):
                 lines += [f"![{group}]({png})", ""]
             lines += _images(rows, run, out_dir)
+    lines += _run_sections(out_dir)
     path = out_dir / "README.md"
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return path
