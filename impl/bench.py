@@ -3,10 +3,12 @@
     python -m impl bench [--size smoke|small|full] [--device auto|cpu|cuda] [--out reports] [-k EXPR]
 
 Writes `<out>/bench-<device>-<size>.json` and renders every `bench-*.json` in `<out>` (a CPU run and a GPU run
-side by side) into `<out>/README.md`.
+side by side) into `<out>/README.md`. A run of some benchmarks (-k) replaces those in the JSON and keeps the rest,
+so one technique can be re-measured without running everything again.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -37,11 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"bench-{device.type}-{size}.json"
+    fresh_path = out / f".bench-{device.type}-{size}.partial.json"
     pytest_args = [
         str(benches),
         f"--device={args.device}",
         f"--size={size}",
-        f"--benchmark-json={json_path}",
+        f"--benchmark-json={fresh_path}",
         "--timeout=3600",
         "-p",
         "no:cacheprovider",
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         print(f"error: benchmarks failed (pytest exit {int(code)}); report not rendered", file=sys.stderr)
         return int(code)
+    merge_into(fresh_path, json_path, keep_others=args.keyword is not None or bool(args.pytest_args))
     try:
         runs = [load_run(p) for p in sorted(out.glob("bench-*.json"))]
         path = render(runs, out)
@@ -61,6 +65,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote {path}")
     return 0
+
+
+def merge_into(fresh: Path, target: Path, *, keep_others: bool) -> None:
+    """Move the fresh JSON to `target`; with keep_others, benchmarks of the old file that the fresh run did not
+    measure are kept (a partial run updates the full one)."""
+    data = json.loads(fresh.read_text())
+    if keep_others and target.is_file():
+        old = json.loads(target.read_text())
+        measured = {b["fullname"] for b in data["benchmarks"]}
+        data["benchmarks"] = [b for b in old.get("benchmarks", []) if b.get("fullname") not in measured] + data[
+            "benchmarks"
+        ]
+    target.write_text(json.dumps(data, indent=1))
+    fresh.unlink()
 
 
 if __name__ == "__main__":

@@ -67,6 +67,27 @@ def test_training_run_sections_are_included_with_links_made_relative(tmp_path):
     assert "[web](https://x.org)" in text
 
 
+def test_a_partial_bench_run_updates_the_full_json(tmp_path):
+    from impl.bench import merge_into
+
+    def bench_json(path, names, median):
+        data = json.loads(json.dumps(MINIMAL))
+        data["benchmarks"] = [
+            dict(MINIMAL["benchmarks"][0], name=n, fullname=n, stats={"median": median}) for n in names
+        ]
+        path.write_text(json.dumps(data))
+
+    full, fresh = tmp_path / "bench-cpu-small.json", tmp_path / ".fresh.json"
+    bench_json(full, ["a", "b"], 1.0)
+    bench_json(fresh, ["b"], 2.0)
+    merge_into(fresh, full, keep_others=True)
+    merged = {b["name"]: b["stats"]["median"] for b in json.loads(full.read_text())["benchmarks"]}
+    assert merged == {"a": 1.0, "b": 2.0} and not fresh.exists()
+    bench_json(fresh, ["b"], 3.0)
+    merge_into(fresh, full, keep_others=False)  # a full run replaces the file
+    assert [b["name"] for b in json.loads(full.read_text())["benchmarks"]] == ["b"]
+
+
 def test_impl_help_lists_every_entry_point(capsys):
     assert impl_main(["--help"]) == 0
     out = capsys.readouterr().out

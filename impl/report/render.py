@@ -178,8 +178,10 @@ def _images(rows: list[Row], run: Run, out_dir: Path) -> list[str]:
         if not source.is_file():
             lines += [f"(picture `{name}` was not found beside {run.path.name})", ""]
             continue
-        target = out_dir / f"{_slug(run.label)}--{name}"
-        shutil.copyfile(source, target)
+        target = source
+        if source.parent.resolve() != out_dir.resolve():
+            target = out_dir / f"{_slug(run.label)}--{name}"
+            shutil.copyfile(source, target)
         lines += [f"![{name}]({target.name})", ""]
     return lines
 
