@@ -46,7 +46,7 @@ def _input_image(side: int) -> torch.Tensor:
 
 def _picture(components, image: torch.Tensor) -> torch.Tensor:
     """The input, then our img2img output at each of PICTURE_STRENGTHS, side by side: (3, side, 5 side)."""
-    tiles = [image]
+    tiles = [image.cpu()]
     for strength in PICTURE_STRENGTHS:
         out = img2img(**components, scheduler=DDIMScheduler(**STABLE_DIFFUSION_SCHEDULE), image=image,
                       prompt="a bright disc", strength=strength, num_inference_steps=8, guidance_scale=GUIDANCE,
