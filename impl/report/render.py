@@ -154,6 +154,11 @@ def plot_sweep(rows: list[Row], path: Path, title: str) -> bool:
     return True
 
 
+def _anchor(heading: str) -> str:
+    """The id GitHub gives a markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
 def _run_sections(out_dir: Path) -> list[str]:
     """Sections written by training CLIs into `<out>/<run>/report.md` (loss curves, samples), links made
     relative to the report."""
@@ -247,6 +252,11 @@ def render(runs: list[Run], out_dir: str | Path, title: str = "Benchmark report"
         for r in run.rows:
             if r.group not in groups:
                 groups.append(r.group)
+    lines += ["## Contents", ""]
+    lines += [f"- [{group}](#{_anchor(group)})" for group in groups]
+    if any(out_dir.glob("*/report.md")):
+        lines += ["- [Training runs](#training-runs)"]
+    lines += [""]
     for group in groups:
         lines += [f"## {group}", ""]
         for run in runs:
