@@ -47,8 +47,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def world(one_thread, shakespeare_path, size):
+def world(one_thread, shakespeare_path, size, device):
     """Pretrained policy, pairs, reward model, and the policy's state after each swept step of PPO and DPO."""
+    if device.type != "cpu":
+        pytest.skip("the RLHF models are tiny and run on CPU; their sampling generators are CPU generators")
     if shakespeare_path is None:
         pytest.skip("no tiny-shakespeare file (set TINYSHAKESPEARE)")
     config = PolicyConfig(steps=PRETRAIN_STEPS[size], seed=0)

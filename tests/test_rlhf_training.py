@@ -11,6 +11,7 @@ import torch
 
 from impl.gpt import load_shakespeare
 from impl.rlhf import RewardModel
+from impl.rlhf.__main__ import main as rlhf_main
 from impl.rlhf.dpo import DPOConfig, DPOTrainer
 from impl.rlhf.models import sample_completions
 from impl.rlhf.ppo import PPOConfig, PPOTrainer, pair_accuracy, train_reward_model
@@ -120,3 +121,14 @@ def test_identical_and_mismatched_pairs_are_refused(world):
         DPOConfig(beta=0)
     with pytest.raises(ValueError, match=r"PPOConfig.kl_coef must be non-negative, got -0.1"):
         PPOConfig(kl_coef=-0.1)
+
+
+def test_cli_prints_before_and_after(shakespeare_path, capsys):
+    if shakespeare_path is None:
+        pytest.skip("no tiny-shakespeare file (set TINYSHAKESPEARE)")
+    assert rlhf_main(["--steps", "2", "--pretrain-steps", "20", "--shakespeare", shakespeare_path]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{name}: rule score" in out for name in ("pretrained", "ppo", "dpo"))
+    with pytest.raises(SystemExit):
+        rlhf_main(["--steps", "0"])
+    assert "--steps must be a positive int, got 0" in capsys.readouterr().err
