@@ -127,6 +127,8 @@ class Bench:
         iterations = max(1, math.ceil(_MIN_ROUND_S / max(once, 1e-9)))
         rounds = min(max_rounds, max(min_rounds, math.ceil(budget / max(once * iterations, 1e-9))))
         self.benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=0)
+        if self.benchmark.stats is None:  # --benchmark-disable: the call ran once, as a test, and nothing is timed
+            return info
 
         median = self.benchmark.stats.stats.median
         if flops is not None:

@@ -15,6 +15,7 @@ ENTRY_POINTS: dict[str, tuple[str, str]] = {
     "sample": ("impl.gpt.sample", "write text from a GPT checkpoint"),
     "train-zero": ("impl.distributed.train_zero", "train a small MLP with ZeRO stage 0-3 on N ranks; bytes vs formula"),
     "img2img": ("impl.diffusion.img2img", "Stable Diffusion image-to-image (tiny random models without --model-dir)"),
+    "rlhf": ("impl.rlhf.__main__", "RLHF on a tiny Shakespeare GPT: reward model, PPO and DPO; rule score and KL"),
     "lora-toy": ("impl.finetune.lora_toy", "the LoRA teaching toy: a rank-2 update recovers a shifted MLP"),
 }
 
