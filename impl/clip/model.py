@@ -1,0 +1,134 @@
+"""A small CLIP for 8x8 digits: CNN image encoder, transformer text encoder, projections, learnable temperature.
+
+Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision", section 2.4 and
+figure 3: two encoders, linear projections into a joint space, L2 normalization, and the logit scale
+t = log(1/0.07) learned and clipped at log 100. The text encoder is the CLIP text transformer in miniature
+(pre-LayerNorm blocks, learned positions) over a word-level tokenizer; its feature is the final LayerNorm at the
+end-of-text token, as in the paper. The image encoder is a three-layer CNN in place of the ResNet/ViT.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from impl.clip.losses import clip_logits, clip_loss
+
+PAD, UNK, EOT = "<pad>", "<unk>", "<eot>"
+
+
+class WordTokenizer:
+    """Lower-case whitespace words; ids 0..2 are padding, unknown word and end-of-text."""
+
+    def __init__(self, texts: list[str]):
+        words = sorted({w for t in texts for w in t.lower().split()})
+        self.vocab = [PAD, UNK, EOT, *words]
+        self.ids = {w: i for i, w in enumerate(self.vocab)}
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, texts: list[str], context_length: int) -> torch.Tensor:
+        """(len(texts), context_length) ids, each text followed by <eot> and padded; too long raises."""
+        rows = []
+        for text in texts:
+            ids = [self.ids.get(w, self.ids[UNK]) for w in text.lower().split()] + [self.ids[EOT]]
+            if len(ids) > context_length:
+                raise ValueError(f"texts must fit context_length={context_length} with <eot>, got {text!r}")
+            rows.append(ids + [self.ids[PAD]] * (context_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
+
+
+@dataclass
+class CLIPConfig:
+    vocab_size: int = 64  # word-level vocabulary, specials included
+    context_length: int = 12  # tokens per caption, <eot> included
+    width: int = 64  # text transformer width
+    layers: int = 2  # text transformer blocks
+    heads: int = 4  # text attention heads
+    channels: int = 32  # first conv layer's channels (the next two have 2x)
+    embed_dim: int = 64  # joint embedding space
+    logit_scale_init: float = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
+    logit_scale_max: float = math.log(100.0)  # CLIP clips the scale at 100
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width must be divisible by heads={self.heads}, got {self.width}")
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        c = config.channels
+        self.convs = nn.Sequential(
+            nn.Conv2d(1, c, 3, padding=1), nn.GELU(),  # (B, c, 8, 8)
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.GELU(),  # (B, 2c, 4, 4)
+            nn.Conv2d(2 * c, 2 * c, 3, stride=2, padding=1), nn.GELU(),  # (B, 2c, 2, 2)
+        )  # fmt: skip
+        self.proj = nn.Linear(2 * c * 4, config.embed_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.convs(images).flatten(1))  # (B, embed_dim)
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.tok_emb = nn.Embedding(config.vocab_size, config.width)
+        self.pos_emb = nn.Parameter(torch.randn(config.context_length, config.width) * 0.01)
+        layer = nn.TransformerEncoderLayer(
+            config.width, config.heads, 4 * config.width, dropout=0.0, activation="gelu", batch_first=True,
+            norm_first=True,
+        )  # fmt: skip
+        self.blocks = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.ln_final = nn.LayerNorm(config.width)
+        self.proj = nn.Linear(config.width, config.embed_dim, bias=False)
+        self.eot_id = 2
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        T = tokens.shape[1]
+        causal = nn.Transformer.generate_square_subsequent_mask(T, device=tokens.device)
+        x = self.blocks(self.tok_emb(tokens) + self.pos_emb[:T], mask=causal, is_causal=True)  # (B, T, width)
+        eot = (tokens == self.eot_id).int().argmax(dim=1)  # the first <eot> of each row
+        return self.proj(self.ln_final(x[torch.arange(len(tokens)), eot]))  # (B, embed_dim)
+
+
+class CLIP(nn.Module):
+    """Image and text towers into one normalized space; `forward` returns the CLIP loss of matching pairs."""
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = config
+        self.visual = ImageEncoder(config)
+        self.text = TextEncoder(config)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 8, 8) images in [0, 1] -> (B, embed_dim) unit-norm embeddings."""
+        if images.dim() != 4 or images.shape[1] != 1:
+            raise ValueError(f"images must have shape (B, 1, H, W), got {tuple(images.shape)}")
+        return F.normalize(self.visual(images), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids, each row holding an <eot> -> (B, embed_dim) unit-norm embeddings."""
+        if tokens.dim() != 2 or tokens.shape[1] > self.config.context_length:
+            raise ValueError(f"tokens must have shape (B, T<={self.config.context_length}), got {tuple(tokens.shape)}")
+        if not (tokens == self.text.eot_id).any(dim=1).all():
+            raise ValueError("tokens must hold an <eot> token in every row, got a row without one")
+        return F.normalize(self.text(tokens), dim=-1)
+
+    def clamp_logit_scale(self) -> None:
+        """Keep exp(logit_scale) <= 100 (CLIP section 2.5); call after each optimizer step."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0, self.config.logit_scale_max)
+
+    def logits(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B_img, B_txt) scaled cosine similarities."""
+        return clip_logits(self.encode_image(images), self.encode_text(tokens), self.logit_scale)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        if images.shape[0] != tokens.shape[0]:
+            raise ValueError(f"tokens must have the batch size of images ({images.shape[0]}), got {tokens.shape[0]}")
+        return clip_loss(self.encode_image(images), self.encode_text(tokens), self.logit_scale)
