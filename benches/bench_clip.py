@@ -6,12 +6,14 @@
 - clip-zero-shot: zero-shot classification of the 360 held-out digits with the model trained once by
   `impl.clip.train.train` (seeded; fewer epochs at --size smoke). `accuracy` uses the training templates (prompt
   ensemble), `unseen_*` templates never used for a training caption. The picture is the confusion matrix.
+- clip-loss: forward and backward of the contrastive loss alone on (batch, 64) embeddings, ours against the
+  computation of transformers' `CLIPModel.forward` (normalize, scale, `image_text_contrastive_loss`) as reference.
 """
 
 import pytest
 import torch
 
-from impl.clip import CLIP
+from impl.clip import CLIP, clip_loss
 from impl.clip.model import CLIPConfig
 from impl.clip.train import (
     TRAIN_TEMPLATES,
@@ -25,6 +27,7 @@ from impl.clip.train import (
 )
 
 SWEEPS = {"batch_size": {"smoke": [32, 128], "small": [16, 32, 64, 128, 256, 512], "full": [32, 128, 512, 1024]}}
+LOSS_PROVIDERS = ("ours", "transformers")
 EPOCHS = {"smoke": 4, "small": 15, "full": 15}
 
 
@@ -86,3 +89,38 @@ def test_zero_shot(bench, trained, size):
     title = f"CLIP zero-shot, held-out digits: {trained.accuracy:.1%} ({len(UNSEEN_TEMPLATES)} unseen templates: "
     title += f"{unseen['unseen_ensemble']:.1%})"
     bench.save_image("clip_zero_shot_confusion", confusion_figure(trained.confusion, title))
+
+
+def _transformers_loss(image_embeds, text_embeds, logit_scale):
+    from transformers.models.clip.modeling_clip import image_text_contrastive_loss
+
+    image_embeds = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
+    text_embeds = text_embeds / text_embeds.norm(p=2, dim=-1, keepdim=True)
+    return image_text_contrastive_loss(text_embeds @ image_embeds.t() * logit_scale.exp())
+
+
+@pytest.mark.benchmark(group="clip-loss")
+@pytest.mark.parametrize("provider", LOSS_PROVIDERS)
+def test_loss(bench, device, provider, batch_size):
+    g = torch.Generator().manual_seed(batch_size)
+    image = torch.randn(batch_size, 64, generator=g).to(device).requires_grad_()
+    text = torch.randn(batch_size, 64, generator=g).to(device).requires_grad_()
+    scale = torch.tensor(2.66, device=device, requires_grad=True)
+    loss_fn = clip_loss if provider == "ours" else _transformers_loss
+
+    def forward_backward():
+        loss = loss_fn(image, text, scale)
+        return torch.autograd.grad(loss, (image, text, scale))
+
+    bench(
+        forward_backward,
+        variant=provider,
+        params=dict(batch_size=batch_size, dim=64),
+        sweep="batch_size",
+        dtype=torch.float32,
+        reference=provider == "transformers",
+        baseline=provider == "transformers",
+        items=batch_size,
+        items_unit="pairs/s",
+        metrics=dict(logits_bytes=batch_size * batch_size * 4),  # the (B, B) fp32 logits
+    )
