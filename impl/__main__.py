@@ -16,6 +16,10 @@ ENTRY_POINTS: dict[str, tuple[str, str]] = {
     "train-zero": ("impl.distributed.train_zero", "train a small MLP with ZeRO stage 0-3 on N ranks; bytes vs formula"),
     "img2img": ("impl.diffusion.img2img", "Stable Diffusion image-to-image (tiny random models without --model-dir)"),
     "rlhf": ("impl.rlhf.__main__", "RLHF on a tiny Shakespeare GPT: reward model, PPO and DPO; rule score and KL"),
+    "clip-train": (
+        "impl.clip.train",
+        "train a small CLIP on scikit-learn's digits; zero-shot accuracy on held-out digits",
+    ),
     "lora-toy": ("impl.finetune.lora_toy", "the LoRA teaching toy: a rank-2 update recovers a shifted MLP"),
 }
 
