@@ -68,17 +68,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def merge_into(fresh: Path, target: Path, *, keep_others: bool) -> None:
-    """Move the fresh JSON to `target`; with keep_others, benchmarks of the old file that the fresh run did not
-    measure are kept (a partial run updates the full one)."""
+    """Move the fresh JSON to `target`. With keep_others (a partial run), benchmarks of the old file that the
+    fresh run did not measure are kept, and the file keeps its first run's date with the partial runs' dates
+    listed beside it; a file from another machine, device or size is replaced, not merged."""
     data = json.loads(fresh.read_text())
     if keep_others and target.is_file():
         old = json.loads(target.read_text())
-        measured = {b["fullname"] for b in data["benchmarks"]}
-        data["benchmarks"] = [b for b in old.get("benchmarks", []) if b.get("fullname") not in measured] + data[
-            "benchmarks"
-        ]
+        if _identity(old) == _identity(data):
+            measured = {b["fullname"] for b in data["benchmarks"]}
+            kept = [b for b in old.get("benchmarks", []) if b.get("fullname") not in measured]
+            data["benchmarks"] = kept + data["benchmarks"]
+            data["partial_runs"] = [*old.get("partial_runs", []), data.get("datetime")]
+            data["datetime"] = old.get("datetime")
+        else:
+            print(f"note: {target.name} came from another machine, device or size; replaced, not merged")
     target.write_text(json.dumps(data, indent=1))
     fresh.unlink()
+
+
+def _identity(data: dict) -> tuple:
+    machine = data.get("machine_info", {})
+    impl = machine.get("impl") or {}
+    return machine.get("node"), impl.get("device_name"), impl.get("size"), impl.get("torch_threads")
 
 
 if __name__ == "__main__":

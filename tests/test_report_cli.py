@@ -80,9 +80,25 @@ def test_a_partial_bench_run_updates_the_full_json(tmp_path):
     full, fresh = tmp_path / "bench-cpu-small.json", tmp_path / ".fresh.json"
     bench_json(full, ["a", "b"], 1.0)
     bench_json(fresh, ["b"], 2.0)
+    fresh_data = json.loads(fresh.read_text())
+    fresh_data["datetime"] = "2026-01-02T00:00:00"
+    fresh.write_text(json.dumps(fresh_data))
     merge_into(fresh, full, keep_others=True)
-    merged = {b["name"]: b["stats"]["median"] for b in json.loads(full.read_text())["benchmarks"]}
-    assert merged == {"a": 1.0, "b": 2.0} and not fresh.exists()
+    data = json.loads(full.read_text())
+    assert {b["name"]: b["stats"]["median"] for b in data["benchmarks"]} == {"a": 1.0, "b": 2.0}
+    assert not fresh.exists()
+    assert data["datetime"] == MINIMAL["datetime"] and data["partial_runs"] == ["2026-01-02T00:00:00"]
+    report = tmp_path / "report"
+    assert report_main([str(full), "-o", str(report)]) == 0
+    assert "some benchmarks re-measured on 2026-01-02T00:00:00" in (report / "README.md").read_text()
+    bench_json(fresh, ["c"], 1.0)
+    other = json.loads(fresh.read_text())
+    other["machine_info"]["node"] = "another-machine"
+    fresh.write_text(json.dumps(other))
+    merge_into(fresh, full, keep_others=True)  # another machine's partial run replaces, never mixes
+    assert [b["name"] for b in json.loads(full.read_text())["benchmarks"]] == ["c"]
+    bench_json(fresh, ["a", "b"], 1.0)
+    merge_into(fresh, full, keep_others=True)
     bench_json(fresh, ["b"], 3.0)
     merge_into(fresh, full, keep_others=False)  # a full run replaces the file
     assert [b["name"] for b in json.loads(full.read_text())["benchmarks"]] == ["b"]

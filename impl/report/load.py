@@ -136,5 +136,6 @@ def _header(data: dict) -> dict:
         "python": machine.get("python_version"),
         "system": " ".join(x for x in (machine.get("system"), machine.get("release")) if x),
         "date": data.get("datetime"),
+        "partial_runs": [d for d in data.get("partial_runs") or [] if d],
         "commit": (commit.get("id") or "")[:10] + ("+dirty" if commit.get("dirty") else ""),
     }

@@ -224,7 +224,9 @@ def _header_md(run: Run) -> list[str]:
         f"- software: Python {h.get('python')}"
         + (f", {libs}" if libs else "")
         + (f"; {h['system']}" if h.get("system") else ""),
-        f"- date: {h.get('date')}" + (f", commit {h['commit']}" if h.get("commit") else ""),
+        f"- date: {h.get('date')}"
+        + (f"; some benchmarks re-measured on {', '.join(h['partial_runs'])}" if h.get("partial_runs") else "")
+        + (f", commit {h['commit']}" if h.get("commit") else ""),
         "",
     ]
     return lines
