@@ -45,7 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         print(usage(), file=sys.stderr)
         return 2
     module = importlib.import_module(ENTRY_POINTS[name][0])
-    code = module.main(rest)
+    try:
+        code = module.main(rest)
+    except (ValueError, TypeError, FileNotFoundError) as err:  # bad input: one line, not a traceback
+        print(
+            f"error: {err}  (python -m {module.__name__.removesuffix('.__main__')} shows the traceback)",
+            file=sys.stderr,
+        )
+        return 2
     return code if isinstance(code, int) else 0  # some mains return their results for tests
 
 

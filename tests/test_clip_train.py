@@ -103,3 +103,11 @@ def test_cli_help_and_a_short_run(capsys, tmp_path):
 def test_confusion_figure_is_an_image():
     image = confusion_figure(torch.eye(len(CLASS_NAMES), dtype=torch.long) * 3)
     assert image.mode == "RGB" and min(image.size) > 100
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("epochs", 0), ("batch_size", -1), ("test_fraction", 1.0)], ids=["epochs", "batch", "split"]
+)
+def test_train_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field} must be"):
+        TrainConfig(**{field: value})

@@ -119,6 +119,17 @@ def test_every_entry_point_has_help(name, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
+def test_bad_input_to_an_entry_point_is_one_line(tmp_path, capsys):
+    assert impl_main(["sample", "--checkpoint", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint must be an existing directory" in err
+
+
+def test_a_folder_is_not_a_benchmark_file(tmp_path, capsys):
+    assert report_main([str(tmp_path), "-o", str(tmp_path / "out")]) == 2
+    assert "not a file" in capsys.readouterr().err
+
+
 def test_unknown_entry_point_is_an_error(capsys):
     assert impl_main(["nonsense"]) == 2
     assert "unknown entry point 'nonsense'" in capsys.readouterr().err

@@ -46,6 +46,14 @@ class TrainConfig:
     device: str = "cpu"
     model: CLIPConfig = field(default_factory=CLIPConfig)  # vocab_size is set from the tokenizer
 
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"TrainConfig.test_fraction must be in (0, 1), got {self.test_fraction!r}")
+
 
 @dataclass
 class TrainResult:

@@ -49,8 +49,10 @@ def _is_number(x) -> bool:
 def load_run(path: str | Path) -> Run:
     """Parse one pytest-benchmark JSON file; a clear ReportError if it is missing, empty or not one."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ReportError(f"{path}: no such file")
+    if not path.is_file():
+        raise ReportError(f"{path}: not a file; expected pytest-benchmark JSON (--benchmark-json)")
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise ReportError(f"{path}: the file is empty; expected pytest-benchmark JSON (--benchmark-json)")
