@@ -15,15 +15,13 @@ Ranks stay up for a whole benchmark; one timed call is one synchronized step on 
 through pipes.
 """
 
-import multiprocessing
-import threading
-
 import pytest
 import torch
 import torch.distributed as dist
 
 from impl.common import MemoryMeter, tensor_bytes
-from impl.distributed import PipelineSchedule, spawn, tensor_parallelize
+from impl.distributed import PipelineSchedule, tensor_parallelize
+from impl.distributed.launch import RankPool
 from impl.distributed.pipeline import gpt_loss, split_gpt
 from impl.gpt.model import GPT, GPTConfig
 
@@ -96,10 +94,9 @@ class _TensorParallelRank:
         return {}
 
 
-def _serve(rank: int, world_size: int, kind: str, args: tuple, conns) -> None:
-    """A rank's loop: build, answer one measured step, then obey "step" / "stats" until "stop"."""
+def _serve(rank: int, world_size: int, conn, kind: str, args: tuple) -> None:
+    """A rank's loop (run by RankPool): build, answer one measured step, then obey "step" / "stats" until "stop"."""
     runner = _PipelineRank(*args) if kind == "pipeline" else _TensorParallelRank(*args)
-    conn = conns[rank]
     conn.send(runner.measure())
     while (command := conn.recv()) != "stop":
         if command == "step":
@@ -109,56 +106,16 @@ def _serve(rank: int, world_size: int, kind: str, args: tuple, conns) -> None:
             conn.send(runner.stats())
 
 
-class _Ranks:
-    """`world_size` ranks running `_serve` in a background spawn; `call(command)` sends it to all and waits."""
-
-    def __init__(self, world_size: int, kind: str, args: tuple):
-        pipes = [multiprocessing.get_context("forkserver").Pipe() for _ in range(world_size)]
-        self.conns = [parent for parent, _ in pipes]
-        self.error: BaseException | None = None
-        target = (_serve, world_size, kind, args, [child for _, child in pipes])
-        self.thread = threading.Thread(target=self._run, args=target, daemon=True)
-        self.thread.start()
-        self.measured = self._replies()
-
-    def _run(self, *target) -> None:
-        try:
-            spawn(*target, timeout_s=TIMEOUT_S)
-        except BaseException as err:  # surfaced in the caller's thread
-            self.error = err
-
-    def _replies(self) -> list:
-        out = []
-        for conn in self.conns:
-            while not conn.poll(0.5):
-                if self.error is not None or not self.thread.is_alive():
-                    raise RuntimeError("a rank failed") from self.error
-            out.append(conn.recv())
-        return out
-
-    def call(self, command: str = "step") -> list:
-        for conn in self.conns:
-            conn.send(command)
-        return self._replies()
-
-    def close(self) -> None:
-        for conn in self.conns:
-            conn.send("stop")
-        self.thread.join(TIMEOUT_S)
-        if self.error is not None:
-            raise self.error
-
-
 @pytest.mark.benchmark(group="pipeline-schedules")
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_pipeline(bench, size, schedule, n_microbatches):
     p = STAGES[size]
     _, _, n_layer, seq, micro = SIZES[size]
-    ranks = _Ranks(p, "pipeline", (size, schedule, n_microbatches))
+    ranks = RankPool(_serve, p, "pipeline", (size, schedule, n_microbatches), timeout_s=TIMEOUT_S)
     try:
-        peaks = [reply["peak"] for reply in ranks.measured]
+        peaks = [reply["peak"] for reply in ranks.ready]
         info = bench(
-            ranks.call,
+            lambda: ranks.send("step"),
             variant=schedule,
             params={"n_microbatches": n_microbatches, "stages": p, "microbatch": micro, "seq": seq, "layers": n_layer},
             sweep="n_microbatches",
@@ -171,7 +128,7 @@ def test_pipeline(bench, size, schedule, n_microbatches):
             },
             plot=("bubble measured", "bubble formula", "peak KiB stage 0"),
         )
-        bubbles = [reply["bubble"] for reply in ranks.call("stats")]
+        bubbles = [reply["bubble"] for reply in ranks.send("stats")]
         info["metrics"]["bubble measured"] = round(sum(bubbles) / len(bubbles), 3)
         info["peak_bytes"] = peaks[0]  # the parent holds no activations; stage 0 holds the most
     finally:
@@ -181,11 +138,11 @@ def test_pipeline(bench, size, schedule, n_microbatches):
 @pytest.mark.benchmark(group="tensor-parallel-gpt")
 def test_tensor_parallel(bench, size, tp):
     n_embd, _, n_layer, seq, batch = SIZES[size]
-    ranks = _Ranks(tp, "tp", (size,))
+    ranks = RankPool(_serve, tp, "tp", (size,), timeout_s=TIMEOUT_S)
     try:
-        rank0 = ranks.measured[0]
+        rank0 = ranks.ready[0]
         info = bench(
-            ranks.call,
+            lambda: ranks.send("step"),
             variant="megatron-tp",
             params={"tp": tp, "n_embd": n_embd, "layers": n_layer, "seq": seq, "batch": batch},
             sweep="tp",

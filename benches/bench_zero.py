@@ -13,8 +13,6 @@ by ours in the paper's units (all-reduce: 2 x the tensor, reduce-scatter and all
 claim is that stage 3 moves 1.5x what stages 0-2 move.
 """
 
-import multiprocessing
-import threading
 from fractions import Fraction
 
 import pytest
@@ -22,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from impl.distributed import Zero, spawn
+from impl.distributed import Zero
+from impl.distributed.launch import RankPool
 
 SWEEPS = {"world_size": {"smoke": [2], "small": [1, 2, 4], "full": [1, 2, 4]}}
 SIZES = {"smoke": (64, 2, 8), "small": (512, 4, 16), "full": (1024, 4, 32)}  # (width, layers, global batch)
@@ -112,12 +111,11 @@ class _Setup:
         return {"numel": self.numel, "state_bytes": total, "comm_bytes": None}
 
 
-def _serve(rank: int, world_size: int, variant: str, sizes: tuple, conns) -> None:
-    """A rank's loop: build the setup, report one measured step, then run one step per "step" command."""
+def _serve(rank: int, world_size: int, conn, variant: str, sizes: tuple) -> None:
+    """A rank's loop (run by RankPool): build the setup, report one measured step, then one step per "step"."""
     on_gpu = torch.distributed.get_backend() == "nccl"  # spawn() has set this rank's GPU
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     setup = _Setup(variant, rank, world_size, device, *sizes)
-    conn = conns[rank]
     conn.send(setup.step(measure=True))
     while conn.recv() == "step":
         setup.step()
@@ -126,55 +124,14 @@ def _serve(rank: int, world_size: int, variant: str, sizes: tuple, conns) -> Non
         conn.send(None)
 
 
-class _Ranks:
-    """`world_size` rank processes serving `variant`; `step()` runs one training step on all and waits."""
-
-    def __init__(self, variant: str, world_size: int, sizes: tuple, backend: str):
-        ctx = multiprocessing.get_context("forkserver")
-        pairs = [ctx.Pipe() for _ in range(world_size)]
-        self.conns = [ours for ours, _ in pairs]
-        self.error: BaseException | None = None
-        args = (variant, sizes, [theirs for _, theirs in pairs])
-        self.thread = threading.Thread(target=self._launch, args=(world_size, args, backend), daemon=True)
-        self.thread.start()
-        self.stats = self._gather()
-
-    def _launch(self, world_size, args, backend) -> None:
-        try:
-            spawn(_serve, world_size, *args, backend=backend, timeout_s=TIMEOUT_S)
-        except BaseException as err:  # re-raised in the caller's thread by _gather and close
-            self.error = err
-
-    def _gather(self) -> list:
-        replies = []
-        for conn in self.conns:
-            while not conn.poll(1.0):
-                if self.error is not None or not self.thread.is_alive():
-                    raise RuntimeError("a rank failed before replying") from self.error
-            replies.append(conn.recv())
-        return replies
-
-    def step(self) -> None:
-        for conn in self.conns:
-            conn.send("step")
-        self._gather()
-
-    def close(self) -> None:
-        for conn in self.conns:
-            conn.send("stop")
-        self.thread.join(TIMEOUT_S)
-        if self.error is not None:
-            raise self.error
-
-
 def _bench_variant(bench, device, size, stage: int, variant: str, world_size: int) -> None:
     if device.type == "cuda" and world_size > torch.cuda.device_count():
         pytest.skip(f"world_size={world_size} needs that many GPUs, found {torch.cuda.device_count()}")
     backend = "nccl" if device.type == "cuda" else "gloo"
     sizes = SIZES[size]
-    ranks = _Ranks(variant, world_size, sizes, backend)
+    ranks = RankPool(_serve, world_size, variant, sizes, backend=backend, timeout_s=TIMEOUT_S)
     try:
-        stats = ranks.stats[0]
+        stats = ranks.ready[0]
         numel = stats["numel"]
         width, layers, batch = sizes
         metrics = {
@@ -184,7 +141,7 @@ def _bench_variant(bench, device, size, stage: int, variant: str, world_size: in
             "comm vs 2Ψ": None if stats["comm_bytes"] is None else round(stats["comm_bytes"] / (2 * 4 * numel), 3),
         }
         info = bench(
-            ranks.step,
+            lambda: ranks.send("step"),
             variant=variant,
             params={"world_size": world_size, "width": width, "layers": layers, "batch": batch, "params": numel},
             sweep="world_size",

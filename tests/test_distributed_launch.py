@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from impl.distributed import Zero, spawn
-from impl.distributed.launch import SpawnError
+from impl.distributed.launch import RankPool, SpawnError
 
 pytestmark = pytest.mark.distributed
 
@@ -39,6 +39,29 @@ def _fail_mid_step(rank: int, world_size: int, how: str) -> None:
         loss.backward()
         zero.step()
         zero.zero_grad()
+
+
+def _counter(rank: int, world_size: int, conn, start: int) -> None:
+    """A RankPool server: replies with an all-reduced counter; "fail" makes rank 1 raise."""
+    count = start
+    conn.send(("ready", rank))
+    while (command := conn.recv()) != "stop":
+        if command == "fail" and rank == 1:
+            raise RuntimeError("rank 1 was told to fail")
+        total = torch.tensor([float(count)])
+        dist.all_reduce(total)
+        count += 1
+        conn.send(total.item())
+
+
+def test_rank_pool_drives_live_ranks_and_surfaces_a_failure():
+    pool = RankPool(_counter, 2, 5, timeout_s=TIMEOUT_S)
+    assert pool.ready == [("ready", 0), ("ready", 1)]
+    assert pool.send("step") == [10.0, 10.0]  # both ranks' counters (5 + 5), state kept between commands
+    assert pool.send("step") == [12.0, 12.0]
+    with pytest.raises(RuntimeError, match="a rank failed") as failure:
+        pool.send("fail")
+    assert "rank 1 was told to fail" in str(failure.value.__cause__)
 
 
 def test_results_come_back_in_rank_order():

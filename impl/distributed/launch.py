@@ -199,3 +199,57 @@ def _run_under_torchrun(fn: Callable, world_size: int, args: tuple, backend: str
         return fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
+
+
+def _pool_rank(rank: int, world_size: int, serve: Callable, conns: list, args: tuple) -> None:
+    serve(rank, world_size, conns[rank], *args)
+
+
+class RankPool:
+    """Ranks kept alive in the background and driven from this process, so a benchmark can time steps here.
+
+    Each rank runs `serve(rank, world_size, conn, *args)`: it sends one reply once it is ready, then answers every
+    command it receives on `conn` with one reply until the command is "stop". A rank that fails raises here
+    (with its traceback, through `spawn`) instead of leaving the caller waiting.
+    """
+
+    def __init__(self, serve: Callable, world_size: int, *args, backend: str = "gloo", timeout_s: float = 60.0):
+        import threading
+
+        pipes = [_context("forkserver").Pipe() for _ in range(world_size)]
+        self.conns = [ours for ours, _ in pipes]
+        self.timeout_s = timeout_s
+        self.error: BaseException | None = None
+        target = (_pool_rank, world_size, serve, [theirs for _, theirs in pipes], args)
+        self.thread = threading.Thread(target=self._run, args=(target, backend), daemon=True)
+        self.thread.start()
+        self.ready = self.replies()
+
+    def _run(self, target: tuple, backend: str) -> None:
+        try:
+            spawn(*target, backend=backend, timeout_s=self.timeout_s)
+        except BaseException as err:  # raised again in the caller's thread by replies() and close()
+            self.error = err
+
+    def replies(self) -> list:
+        """One reply from every rank, in rank order."""
+        out = []
+        for conn in self.conns:
+            while not conn.poll(0.5):
+                if self.error is not None or not self.thread.is_alive():
+                    raise RuntimeError("a rank failed before replying") from self.error
+            out.append(conn.recv())
+        return out
+
+    def send(self, command: str) -> list:
+        """Send `command` to every rank and return their replies."""
+        for conn in self.conns:
+            conn.send(command)
+        return self.replies()
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.send("stop")
+        self.thread.join(self.timeout_s)
+        if self.error is not None:
+            raise self.error
