@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def merge_into(fresh: Path, target: Path, *, keep_others: bool) -> None:
     """Move the fresh JSON to `target`. With keep_others (a partial run), benchmarks of the old file that the
-    fresh run did not measure are kept, and the file keeps its first run's date with the partial runs' dates
-    listed beside it; a file from another machine, device or size is replaced, not merged."""
+    fresh run did not measure are kept, and the file keeps its first run's date and commit with the partial
+    runs' listed beside them; a file from another machine, device or size is replaced, not merged."""
     data = json.loads(fresh.read_text())
     if keep_others and target.is_file():
         old = json.loads(target.read_text())
@@ -78,8 +78,9 @@ def merge_into(fresh: Path, target: Path, *, keep_others: bool) -> None:
             measured = {b["fullname"] for b in data["benchmarks"]}
             kept = [b for b in old.get("benchmarks", []) if b.get("fullname") not in measured]
             data["benchmarks"] = kept + data["benchmarks"]
-            data["partial_runs"] = [*old.get("partial_runs", []), data.get("datetime")]
-            data["datetime"] = old.get("datetime")
+            commit = (data.get("commit_info") or {}).get("id") or ""
+            data["partial_runs"] = [*old.get("partial_runs", []), f"{data.get('datetime')} (commit {commit[:10]})"]
+            data["datetime"], data["commit_info"] = old.get("datetime"), old.get("commit_info")
         else:
             print(f"note: {target.name} came from another machine, device or size; replaced, not merged")
     target.write_text(json.dumps(data, indent=1))

@@ -87,7 +87,7 @@ def test_a_partial_bench_run_updates_the_full_json(tmp_path):
     data = json.loads(full.read_text())
     assert {b["name"]: b["stats"]["median"] for b in data["benchmarks"]} == {"a": 1.0, "b": 2.0}
     assert not fresh.exists()
-    assert data["datetime"] == MINIMAL["datetime"] and data["partial_runs"] == ["2026-01-02T00:00:00"]
+    assert data["datetime"] == MINIMAL["datetime"] and data["partial_runs"] == ["2026-01-02T00:00:00 (commit )"]
     report = tmp_path / "report"
     assert report_main([str(full), "-o", str(report)]) == 0
     assert "some benchmarks re-measured on 2026-01-02T00:00:00" in (report / "README.md").read_text()
