@@ -20,6 +20,8 @@ ENTRY_POINTS: dict[str, tuple[str, str]] = {
         "impl.clip.train",
         "train a small CLIP on scikit-learn's digits; zero-shot accuracy on held-out digits",
     ),
+    "glide": ("impl.diffusion.glide", "train GLIDE on the digits; accuracy by guidance scale (CLIP guidance too)"),
+    "unclip": ("impl.diffusion.unclip", "train DALL-E 2's prior and decoder on a frozen CLIP; samples, variations"),
     "lora-toy": ("impl.finetune.lora_toy", "the LoRA teaching toy: a rank-2 update recovers a shifted MLP"),
 }
 
