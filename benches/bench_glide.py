@@ -37,6 +37,8 @@ CLIP_EPOCHS = {"smoke": 2, "small": 15, "full": 15}
 PER_DIGIT = {"smoke": 2, "small": 10, "full": 50}
 SAMPLE_STEPS, GUIDANCE, TARGET = 25, 3.0, 0.8
 
+# The first test that needs the trained models also pays for training GLIDE and the guiding CLIP (minutes on a CPU).
+pytestmark = pytest.mark.timeout(1200)
 
 @pytest.fixture(scope="module")
 def trained(size, device) -> glide.Glide:

@@ -35,6 +35,8 @@ CLIP_EPOCHS = {"smoke": 2, "small": 15, "full": 15}
 PER_DIGIT = {"smoke": 2, "small": 10, "full": 50}
 SAMPLE_STEPS, PRIOR_GUIDANCE, DECODER_GUIDANCE, TARGET = 25, 2.0, 3.0, 0.7
 
+# The first test that needs the trained models also pays for training CLIP, prior and decoder (minutes on a CPU).
+pytestmark = pytest.mark.timeout(1200)
 
 @pytest.fixture(scope="module")
 def trained(size, device) -> unclip.UnCLIP:

@@ -2,16 +2,16 @@
 scikit-learn's digits, sampled with classifier-free guidance or with CLIP guidance (the CLIP of impl.clip).
 
 Nichol et al. 2022, "GLIDE: Towards Photorealistic Image Generation and Editing with Text-Guided Diffusion Models":
-- Section 2.4: a transformer encodes the caption. Its final token's embedding is added to the timestep
+- Section 3.1: a transformer encodes the caption. Its final token's embedding is added to the timestep
   embedding; its whole token sequence is projected into every attention layer of the UNet as extra keys and
   values (impl/diffusion/unet.py). The text encoder trains with the diffusion model, from scratch.
-- Section 2.3, classifier-free guidance: the caption is swapped for the empty one in 20% of training examples, and
-  sampling uses eps(x_t | "") + s (eps(x_t | c) - eps(x_t | "")) (Ho & Salimans 2021, Eq. 6). s = 1 is the
-  plain conditional model, s = 0 the unconditional one.
-- Section 2.2, CLIP guidance: move the sample along the gradient of the CLIP similarity f(x) . g(c). GLIDE uses
-  CLIP models trained on noised images x_t. Ours (impl.clip) saw only clean digits, so it judges the model's
-  clean-image estimate x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) instead: x0_hat is nudged up the
-  similarity gradient, x0~ = x0_hat + s grad, and eps is re-derived from x0~, which gives
+- Sections 2.3 and 3.2, classifier-free guidance: the caption is swapped for the empty one in 20% of training
+  examples, and sampling uses eps(x_t | "") + s (eps(x_t | c) - eps(x_t | "")) (Ho & Salimans 2021, Eq. 6).
+  s = 1 is the plain conditional model, s = 0 the unconditional one.
+- Sections 2.4 and 3.4, CLIP guidance: move the sample along the gradient of the CLIP similarity f(x) . g(c).
+  GLIDE uses CLIP models trained on noised images x_t. Ours (impl.clip) saw only clean digits, so it judges the
+  model's clean-image estimate x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) instead: x0_hat is nudged
+  up the similarity gradient, x0~ = x0_hat + s grad, and eps is re-derived from x0~, which gives
   eps~ = eps - sqrt(abar_t / (1 - abar_t)) s grad. (Applying the same gradient as classifier guidance on x_t,
   eps - sqrt(1 - abar_t) s grad / sqrt(abar_t), blows up at high noise, where abar_t is near 0: every sample
   ends up one blob.)
@@ -37,7 +37,16 @@ from impl.clip.model import CLIP, WordTokenizer
 from impl.clip.train import CLASS_NAMES, TRAIN_TEMPLATES, captions, load_digits_split
 from impl.common import resolve_device, seed_everything
 from impl.diffusion.digits import DigitJudge, from_model_space, image_grid, to_model_space
-from impl.diffusion.loops import SAMPLERS, denoise, diffusion_loss, fit, make_scheduler
+from impl.diffusion.loops import (
+    SAMPLERS,
+    check_texts,
+    check_train_config,
+    denoise,
+    diffusion_loss,
+    fit,
+    gaussian,
+    make_scheduler,
+)
 from impl.diffusion.unet import UNet, UNetConfig
 
 EVAL_TEMPLATE = "a hand written number {}"  # the caption samples are asked for and judged against
@@ -73,14 +82,7 @@ class TrainConfig:
     model: GlideConfig = field(default_factory=GlideConfig)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "num_train_timesteps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
-        if not 0 <= self.p_uncond < 1:
-            raise ValueError(f"TrainConfig.p_uncond must be in [0, 1), got {self.p_uncond!r}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        check_train_config(self, ("steps", "batch_size", "num_train_timesteps"), ("p_uncond", "ema_decay"))
 
 
 class TextEncoder(nn.Module):
@@ -203,8 +205,7 @@ def sample(
     progress: bool = False,
 ) -> torch.Tensor:
     """One (1, 8, 8) image in [0, 1] per caption: (len(texts), 1, 8, 8)."""
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise TypeError(f"texts must be a non-empty list of str, got {texts!r:.80}")
+    check_texts(texts)
     if guidance_scale < 0 or clip_guidance_scale < 0:
         raise ValueError(f"guidance scales must be >= 0, got {guidance_scale} and {clip_guidance_scale}")
     if clip_guidance_scale > 0 and (clip is None or clip_tokenizer is None):
@@ -226,8 +227,7 @@ def sample(
     if clip_guidance_scale > 0:
         clip_tokens = clip_tokenizer.encode(texts, clip.config.context_length).to(device)
         eps_fn = clip_guided(eps_fn, scheduler, clip.eval(), clip.encode_text(clip_tokens), clip_guidance_scale)
-    gen_device = generator.device if generator is not None else device
-    noise = torch.randn(n, 1, 8, 8, generator=generator, device=gen_device).to(device)
+    noise = gaussian((n, 1, 8, 8), generator, device)
     x = denoise(eps_fn, scheduler, noise, num_inference_steps, eta=eta, generator=generator, progress=progress)
     return from_model_space(x)
 

@@ -26,6 +26,30 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = ("ddim", "ddpm")
 
 
+def check_train_config(config, positive_ints: tuple[str, ...], fractions: tuple[str, ...]) -> None:
+    """Raise a ValueError naming the first field that is not a positive int, or not in [0, 1)."""
+    name = type(config).__name__
+    for field in positive_ints:
+        value = getattr(config, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}.{field} must be a positive int, got {value!r}")
+    for field in fractions:
+        value = getattr(config, field)
+        if not 0 <= value < 1:
+            raise ValueError(f"{name}.{field} must be in [0, 1), got {value!r}")
+
+
+def check_texts(texts: list[str]) -> None:
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"texts must be a non-empty list of str, got {texts!r:.80}")
+
+
+def gaussian(shape: tuple, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """N(0, I) noise drawn on the generator's device (a CPU generator reproduces on CUDA), moved to `device`."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
 def make_scheduler(sampler: str, **config) -> DDIMScheduler | DDPMScheduler:
     """A DDIM or DDPM scheduler by name, with the given SchedulerConfig fields."""
     if sampler not in SAMPLERS:
@@ -43,7 +67,7 @@ def diffusion_loss(
     gen_device = generator.device if generator is not None else x0.device
     B, T = x0.shape[0], scheduler.config.num_train_timesteps
     t = torch.randint(T, (B,), generator=generator, device=gen_device).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+    noise = gaussian(x0.shape, generator, x0.device).to(x0.dtype)
     x_t = scheduler.add_noise(x0, noise, t)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":

@@ -37,7 +37,16 @@ from impl.clip.train import train as train_clip
 from impl.common import resolve_device, seed_everything
 from impl.diffusion.digits import DigitJudge, from_model_space, image_grid, to_model_space
 from impl.diffusion.glide import EVAL_TEMPLATE, digit_prompts
-from impl.diffusion.loops import SAMPLERS, denoise, diffusion_loss, fit, make_scheduler
+from impl.diffusion.loops import (
+    SAMPLERS,
+    check_texts,
+    check_train_config,
+    denoise,
+    diffusion_loss,
+    fit,
+    gaussian,
+    make_scheduler,
+)
 from impl.diffusion.unet import UNet, UNetConfig, timestep_embedding
 
 
@@ -77,12 +86,8 @@ class TrainConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     def __post_init__(self) -> None:
-        for name in ("prior_steps", "decoder_steps", "batch_size", "num_train_timesteps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
-        if not 0 <= self.p_uncond < 1:
-            raise ValueError(f"TrainConfig.p_uncond must be in [0, 1), got {self.p_uncond!r}")
+        positive = ("prior_steps", "decoder_steps", "batch_size", "num_train_timesteps")
+        check_train_config(self, positive, ("p_uncond", "ema_decay"))
 
 
 class Prior(nn.Module):
@@ -218,10 +223,6 @@ def _guided(model: nn.Module, cond: torch.Tensor, scale: float):
     return model_fn
 
 
-def _noise(shape: tuple, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
-
-
 @torch.no_grad()
 def sample_prior(
     unclip: UnCLIP,
@@ -234,8 +235,7 @@ def sample_prior(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """(len(texts), D) unit CLIP image embeddings for the captions; the best of `candidates` by z_i . z_t."""
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise TypeError(f"texts must be a non-empty list of str, got {texts!r:.80}")
+    check_texts(texts)
     if not isinstance(candidates, int) or candidates < 1:
         raise ValueError(f"candidates must be a positive int, got {candidates!r}")
     clip, device = unclip.clip, next(unclip.prior.parameters()).device
@@ -243,8 +243,8 @@ def sample_prior(
     text_embeds = clip.encode_text(unclip.tokenizer.encode(texts, clip.config.context_length).to(device))
     cond = text_embeds.repeat(candidates, 1)  # (candidates * n, D), candidate-major
     scheduler = make_scheduler(sampler, **unclip.schedule, prediction_type="sample")
-    z = denoise(_guided(unclip.prior, cond, guidance_scale), scheduler, _noise((candidates * n, D), generator, device),
-                num_inference_steps, generator=generator)  # fmt: skip
+    noise = gaussian((candidates * n, D), generator, device)
+    z = denoise(_guided(unclip.prior, cond, guidance_scale), scheduler, noise, num_inference_steps, generator=generator)
     z = F.normalize(z, dim=-1).view(candidates, n, D)
     best = (z * text_embeds).sum(-1).argmax(dim=0)  # (n,) the candidate closest to its caption
     return z[best, torch.arange(n, device=device)]
@@ -267,7 +267,7 @@ def decode(
         raise ValueError(f"image_embeds must have shape (N, {D}), got {tuple(image_embeds.shape)}")
     device = next(unclip.decoder.parameters()).device
     scheduler = make_scheduler(sampler, **unclip.schedule)
-    noise = _noise((len(image_embeds), 1, 8, 8), generator, device)
+    noise = gaussian((len(image_embeds), 1, 8, 8), generator, device)
     model_fn = _guided(unclip.decoder, image_embeds.to(device), guidance_scale)
     return from_model_space(denoise(model_fn, scheduler, noise, num_inference_steps, eta=eta, generator=generator))
 

@@ -5,7 +5,7 @@ context tokens that every attention layer attends to beside the image's own posi
   at low resolution, skip connections from the down path to the up path.
 - Dhariwal & Nichol 2021 ("ADM", section 3): adaptive group normalization, norm(h) * (1 + scale) + shift with
   (scale, shift) from the embedding; the last conv of each block and of the output starts at zero.
-- Nichol et al. 2022 ("GLIDE", section 2.4): the text encoder's final token embedding is added to the timestep
+- Nichol et al. 2022 ("GLIDE", section 3.1): the text encoder's final token embedding is added to the timestep
   embedding, and its token sequence is projected to every attention layer's keys and values and concatenated
   with the image's. Ramesh et al. 2022 ("DALL-E 2", section 2.1) condition their decoder on a CLIP image
   embedding the same two ways. The caller projects its condition: `cond` is (B, emb_dim), `context` (B, L, C_ctx).
