@@ -7,8 +7,9 @@ fitted on real digits; `judge_ceiling` is its accuracy on real held-out digits),
 - unclip-samples: 10 captions x `per_digit` samples through prior then decoder (DDIM), by decoder guidance
   scale; `clip_similarity` is the mean cosine between CLIP's embeddings of sample and caption, beside the same
   figure for real held-out digits with their own caption (`clip_similarity_real`) and with another digit's
-  caption (`clip_similarity_wrong_caption`). Target (issue): >= 70%. `variations` decodes the CLIP embedding
-  of one held-out image per digit 8 times (DDIM eta = 1) and asks whether the digit survives.
+  caption (`clip_similarity_wrong_caption`). Target (issue): >= 70%.
+- unclip-variations: the CLIP embedding of one held-out image per digit decoded 8 times (DDIM eta = 1): does the
+  digit survive? The picture shows each input, then its variations.
 - unclip-sampling: text-to-image time and accuracy against the number of steps, DDPM against DDIM.
 CLIP, prior and decoder are trained once per run (seeded; far fewer steps at --size smoke, where the accuracies
 mean nothing).
@@ -137,7 +138,7 @@ def test_text_to_image(bench, trained, judge, size, decoder_guidance_scale):
         bench.save_image(f"unclip_samples_guidance_{decoder_guidance_scale:g}", image_grid(grid, rows=10))
 
 
-@pytest.mark.benchmark(group="unclip-samples")
+@pytest.mark.benchmark(group="unclip-variations")
 def test_variations(bench, trained, judge):
     _, _, test_x, test_y = load_digits_split()
     inputs = torch.stack([test_x[test_y == d][0] for d in range(10)])  # one held-out image per digit
