@@ -40,6 +40,7 @@ SAMPLE_STEPS, GUIDANCE, TARGET = 25, 3.0, 0.8
 # The first test that needs the trained models also pays for training GLIDE and the guiding CLIP (minutes on a CPU).
 pytestmark = pytest.mark.timeout(1200)
 
+
 @pytest.fixture(scope="module")
 def trained(size, device) -> glide.Glide:
     return glide.train(glide.TrainConfig(steps=TRAIN_STEPS[size], device=str(device)))

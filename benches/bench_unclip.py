@@ -39,6 +39,7 @@ SAMPLE_STEPS, PRIOR_GUIDANCE, DECODER_GUIDANCE, TARGET = 25, 2.0, 3.0, 0.7
 # The first test that needs the trained models also pays for training CLIP, prior and decoder (minutes on a CPU).
 pytestmark = pytest.mark.timeout(1200)
 
+
 @pytest.fixture(scope="module")
 def trained(size, device) -> unclip.UnCLIP:
     clip = train_clip(ClipTrainConfig(epochs=CLIP_EPOCHS[size], device=str(device)))

@@ -1,7 +1,7 @@
 """GLIDE on digits: sampling with classifier-free guidance equals the same loop written with diffusers' schedulers
 and the guidance formula spelled out; CLIP guidance moves eps along the finite-difference gradient of the CLIP
-similarity; training is repeatable under a seed; bad input gets a clear error. (Whether the trained model draws the
-requested digit is measured by the benchmark, benches/bench_glide.py, against the issue's 80% target.)"""
+similarity; training is repeatable under a seed; a short real training draws the requested digits; bad input gets
+a clear error. (The default model's accuracy against the issue's 80% target is measured by benches/bench_glide.py.)"""
 
 import json
 
@@ -13,6 +13,7 @@ from impl.clip import CLIP
 from impl.clip.model import CLIPConfig
 from impl.common import tolerance
 from impl.diffusion import glide
+from impl.diffusion.digits import DigitJudge
 from impl.diffusion.loops import make_scheduler
 from impl.diffusion.unet import UNetConfig
 
@@ -109,6 +110,25 @@ def test_training_is_repeatable_under_a_seed_and_lowers_the_loss():
     for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
     assert sum(a.losses[-5:]) < sum(a.losses[:5])
+
+
+@pytest.mark.slow
+def test_a_short_real_training_draws_the_requested_digits():
+    """400 steps of a small model (about 25 s on 2 cores): with guidance, the judge sees the requested digit. Negative
+    controls: the same samples judged against the next digit, and the unconditional model, score near chance."""
+    model = glide.GlideConfig(text_width=32, text_layers=1, unet=UNetConfig(channels=16, emb_dim=64, groups=8))
+    g = glide.train(glide.TrainConfig(steps=400, batch_size=64, lr=3e-3, model=model))
+    judge = DigitJudge()
+    texts, labels = glide.digit_prompts(10)
+    guided = glide.sample(
+        g, texts, guidance_scale=3.0, num_inference_steps=10, generator=torch.Generator().manual_seed(1)
+    )
+    assert judge.accuracy(guided, labels) >= 0.8
+    assert judge.accuracy(guided, (labels + 1) % 10) <= 0.2
+    unconditional = glide.sample(
+        g, texts, guidance_scale=0.0, num_inference_steps=10, generator=torch.Generator().manual_seed(1)
+    )
+    assert judge.accuracy(unconditional, labels) <= 0.3
 
 
 def test_bad_input_gets_a_clear_error():
