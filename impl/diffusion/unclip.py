@@ -162,8 +162,9 @@ def train(
     clip_tokenizer: WordTokenizer | None = None,
     progress: bool = False,
 ) -> UnCLIP:
-    """Train the prior and the decoder on the frozen CLIP's embeddings of the training digits (seeded).
-    Without a CLIP, one is trained first with impl.clip.train's defaults and the same seed."""
+    """Train the prior and the decoder on the frozen CLIP's embeddings of the training digits (seeded). The CLIP
+    given is frozen in place (eval mode, requires_grad False); without one, one is trained first with
+    impl.clip.train's defaults and the same seed."""
     config = config or TrainConfig()
     if (clip is None) != (clip_tokenizer is None):
         raise ValueError("clip and clip_tokenizer must be given together, got only one of them")
