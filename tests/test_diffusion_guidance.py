@@ -21,6 +21,7 @@ class CountingDenoiser(torch.nn.Module):
 
     def forward(self, x, t, context):
         self.batches.append(x.shape[0])
+        t = t.view(-1, 1, 1, 1) if t.dim() == 1 else t  # a timestep per row, or one for all
         return self.conv(x) + self.proj(context.mean(1))[:, :, None, None] * (1 + t / 1000)
 
 
@@ -44,6 +45,19 @@ def test_one_batched_call_equals_two_passes(scale):
     if scale in (0.0, 1.0):
         torch.testing.assert_close(got, eps_u if scale == 0 else eps_c, **TOL)
     assert not torch.allclose(got, eps_u + (scale + 0.5) * (eps_c - eps_u), **TOL)  # negative control
+
+
+def test_a_timestep_per_row_is_doubled_with_the_batch():
+    torch.manual_seed(0)
+    model = CountingDenoiser()
+    x, _, cond, uncond = _inputs()
+    t = torch.tensor([10, 500, 990])
+    with torch.no_grad():
+        got = classifier_free_guidance(model, x, t, cond, uncond, 3.0)
+        eps_c, eps_u = model(x, t, cond), model(x, t, uncond)
+    torch.testing.assert_close(got, eps_u + 3.0 * (eps_c - eps_u), **TOL)
+    with torch.no_grad():  # negative control: the rows' timesteps matter
+        assert not torch.allclose(got, classifier_free_guidance(model, x, t.flip(0), cond, uncond, 3.0), **TOL)
 
 
 def test_bad_shapes_raise_clear_errors():

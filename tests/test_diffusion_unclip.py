@@ -152,6 +152,14 @@ def test_bad_input_gets_a_clear_error():
         unclip.sample_prior(u, "the number one")
     with pytest.raises(ValueError, match="candidates must be a positive int, got 0"):
         unclip.sample_prior(u, TEXTS, candidates=0)
+    with pytest.raises(ValueError, match="guidance_scale must be >= 0, got -2.0"):
+        unclip.sample(u, TEXTS, decoder_guidance_scale=-2.0)
+    with pytest.raises(ValueError, match="per_image must be a positive int, got 0"):
+        unclip.variations(u, torch.rand(2, 1, 8, 8), per_image=0)
+    with pytest.raises(ValueError, match=r"texts must hold one caption per image \(2\), got 3"):
+        unclip.clip_similarity(u, torch.rand(2, 1, 8, 8), TEXTS)
+    with pytest.raises(ValueError, match=r"z_t must have shape \(B, 16\), got \(2, 1, 16\)"):
+        u.prior(torch.randn(2, 1, 16), torch.tensor([1, 2]), torch.randn(2, 16))
     with pytest.raises(ValueError, match=r"image_embeds must have shape \(N, 16\), got \(2, 8\)"):
         unclip.decode(u, torch.randn(2, 8))
     with pytest.raises(ValueError, match=r"images must have shape \(B, 1, H, W\), got \(2, 8, 8\)"):

@@ -85,6 +85,7 @@ def test_timestep_embedding_equals_diffusers():
     t = torch.tensor([0, 1, 17, 999])
     ref = get_timestep_embedding(t, 32, flip_sin_to_cos=True, downscale_freq_shift=0)
     torch.testing.assert_close(timestep_embedding(t, 32), ref, **tolerance(torch.float32))
+    assert not torch.allclose(timestep_embedding(t + 1, 32), ref, atol=1e-3)  # negative control: other timesteps
 
 
 def test_unet_conditions_on_cond_and_context_and_checks_shapes():
@@ -196,3 +197,7 @@ def test_image_grid_lays_tiles_out_row_major():
     assert grid[0, 1, 1] == 0 and grid[0, 1, 7] == images[1, 0, 0, 0] and grid[0, 7, 1] == images[3, 0, 0, 0]
     with pytest.raises(ValueError, match="rows must divide the number of images 6, got 4"):
         image_grid(images, rows=4)
+    with pytest.raises(ValueError, match="rows must divide the number of images 6, got 0"):
+        image_grid(images, rows=0)
+    with pytest.raises(ValueError, match=r"images must have shape \(N, C, H, W\), got \(6, 2, 2\)"):
+        image_grid(images[:, 0], rows=2)

@@ -52,8 +52,10 @@ class DigitJudge:
 
 def image_grid(images: torch.Tensor, rows: int, scale: int = 4, pad: int = 1) -> torch.Tensor:
     """(N, 1, H, W) images in [0, 1] -> one (1, H', W') picture of `rows` rows, each pixel scale x scale."""
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
     N, C = images.shape[:2]
-    if N % rows:
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1 or N % rows:
         raise ValueError(f"rows must divide the number of images {N}, got {rows}")
     cols = N // rows
     big = images.detach().float().cpu().repeat_interleave(scale, 2).repeat_interleave(scale, 3)

@@ -39,6 +39,7 @@ from impl.common import resolve_device, seed_everything
 from impl.diffusion.digits import DigitJudge, from_model_space, image_grid, to_model_space
 from impl.diffusion.loops import (
     SAMPLERS,
+    check_scale,
     check_texts,
     check_train_config,
     denoise,
@@ -206,8 +207,8 @@ def sample(
 ) -> torch.Tensor:
     """One (1, 8, 8) image in [0, 1] per caption: (len(texts), 1, 8, 8)."""
     check_texts(texts)
-    if guidance_scale < 0 or clip_guidance_scale < 0:
-        raise ValueError(f"guidance scales must be >= 0, got {guidance_scale} and {clip_guidance_scale}")
+    check_scale("guidance_scale", guidance_scale)
+    check_scale("clip_guidance_scale", clip_guidance_scale)
     if clip_guidance_scale > 0 and (clip is None or clip_tokenizer is None):
         raise ValueError("clip and clip_tokenizer must be given when clip_guidance_scale > 0, got None")
     model = glide.model

@@ -14,7 +14,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def classifier_free_guidance(
     denoiser: Denoiser,
     sample: torch.Tensor,
-    timestep: torch.Tensor | int,
+    timestep: torch.Tensor | int,  # a scalar, or one per row of sample (then doubled with it)
     cond: torch.Tensor,
     uncond: torch.Tensor,
     guidance_scale: float,
@@ -24,6 +24,8 @@ def classifier_free_guidance(
         raise ValueError(f"uncond must have cond's shape {tuple(cond.shape)}, got {tuple(uncond.shape)}")
     if cond.shape[0] != sample.shape[0]:
         raise ValueError(f"cond must have the sample's batch size {sample.shape[0]}, got {cond.shape[0]}")
+    if isinstance(timestep, torch.Tensor) and timestep.dim() == 1:
+        timestep = torch.cat([timestep, timestep])
     out = denoiser(torch.cat([sample, sample]), timestep, torch.cat([uncond, cond]))  # (2B, ...)
     eps_uncond, eps_cond = out.chunk(2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)

@@ -39,6 +39,14 @@ def check_train_config(config, positive_ints: tuple[str, ...], fractions: tuple[
             raise ValueError(f"{name}.{field} must be in [0, 1), got {value!r}")
 
 
+def check_scale(name: str, value: float) -> None:
+    """A guidance scale must be a real number >= 0."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
 def check_texts(texts: list[str]) -> None:
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise TypeError(f"texts must be a non-empty list of str, got {texts!r:.80}")

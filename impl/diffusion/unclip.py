@@ -37,8 +37,10 @@ from impl.clip.train import train as train_clip
 from impl.common import resolve_device, seed_everything
 from impl.diffusion.digits import DigitJudge, from_model_space, image_grid, to_model_space
 from impl.diffusion.glide import EVAL_TEMPLATE, digit_prompts
+from impl.diffusion.guidance import classifier_free_guidance
 from impl.diffusion.loops import (
     SAMPLERS,
+    check_scale,
     check_texts,
     check_train_config,
     denoise,
@@ -109,6 +111,8 @@ class Prior(nn.Module):
         self.out = nn.Linear(W, D)
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        if z_t.dim() != 2 or z_t.shape[1] != self.config.embed_dim:
+            raise ValueError(f"z_t must have shape (B, {self.config.embed_dim}), got {tuple(z_t.shape)}")
         B, D = z_t.shape
         if text_embeds.shape != (B, D):
             raise ValueError(f"text_embeds must have shape ({B}, {D}), got {tuple(text_embeds.shape)}")
@@ -212,14 +216,12 @@ def train(
 
 
 def _guided(model: nn.Module, cond: torch.Tensor, scale: float):
-    """Classifier-free guidance with a zero condition as 'unconditional': one call on the doubled batch."""
+    """Classifier-free guidance with a zero condition as 'unconditional' (scale 1: the conditional model alone)."""
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if scale == 1:
             return model(x, t, cond)
-        null = torch.zeros_like(cond)
-        out_uncond, out_cond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, cond])).chunk(2)
-        return out_uncond + scale * (out_cond - out_uncond)
+        return classifier_free_guidance(model, x, t, cond, torch.zeros_like(cond), scale)
 
     return model_fn
 
@@ -237,7 +239,8 @@ def sample_prior(
 ) -> torch.Tensor:
     """(len(texts), D) unit CLIP image embeddings for the captions; the best of `candidates` by z_i . z_t."""
     check_texts(texts)
-    if not isinstance(candidates, int) or candidates < 1:
+    check_scale("guidance_scale", guidance_scale)
+    if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
         raise ValueError(f"candidates must be a positive int, got {candidates!r}")
     clip, device = unclip.clip, next(unclip.prior.parameters()).device
     n, D = len(texts), clip.config.embed_dim
@@ -264,6 +267,7 @@ def decode(
 ) -> torch.Tensor:
     """(N, D) unit CLIP image embeddings -> (N, 1, 8, 8) images in [0, 1]."""
     D = unclip.clip.config.embed_dim
+    check_scale("guidance_scale", guidance_scale)
     if image_embeds.dim() != 2 or image_embeds.shape[1] != D:
         raise ValueError(f"image_embeds must have shape (N, {D}), got {tuple(image_embeds.shape)}")
     device = next(unclip.decoder.parameters()).device
@@ -296,6 +300,8 @@ def variations(
     unclip: UnCLIP, images: torch.Tensor, per_image: int = 4, generator: torch.Generator | None = None, **decode_kw
 ) -> torch.Tensor:
     """(N, 1, 8, 8) images in [0, 1] -> (N * per_image, 1, 8, 8): each image's CLIP embedding decoded anew."""
+    if not isinstance(per_image, int) or isinstance(per_image, bool) or per_image < 1:
+        raise ValueError(f"per_image must be a positive int, got {per_image!r}")
     device = next(unclip.decoder.parameters()).device
     z = unclip.clip.encode_image(images.to(device))  # checks the shape
     return decode(unclip, z.repeat_interleave(per_image, dim=0), generator=generator, **decode_kw)
@@ -304,6 +310,9 @@ def variations(
 @torch.no_grad()
 def clip_similarity(unclip: UnCLIP, images: torch.Tensor, texts: list[str]) -> float:
     """Mean cosine between CLIP's embedding of each image and of its caption."""
+    check_texts(texts)
+    if len(texts) != len(images):
+        raise ValueError(f"texts must hold one caption per image ({len(images)}), got {len(texts)}")
     clip, device = unclip.clip, next(unclip.clip.parameters()).device
     text_embeds = clip.encode_text(unclip.tokenizer.encode(texts, clip.config.context_length).to(device))
     return (clip.encode_image(images.to(device)) * text_embeds).sum(-1).mean().item()
