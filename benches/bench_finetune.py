@@ -52,15 +52,13 @@ def _llama(shape: dict, device, dtype):
 
 
 def _peft_lora(model):
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0))
+    peft = pytest.importorskip("peft", reason="peft is the LoRA reference provider; peft is not installed")
+    return peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0))
 
 
 def _bnb_quantize(model, compute_dtype, device):
     """Replace the decoder's linear layers with bitsandbytes' Linear4bit (NF4, double quantization)."""
-    import bitsandbytes as bnb
-
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 reference; it is not installed")
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and name.endswith(LINEAR):
             q = bnb.nn.Linear4bit(
@@ -202,6 +200,10 @@ def test_training_step(bench, device, size, method, provider):
     )
 
 
+def _bnb_functional():
+    return pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is the NF4 reference; not installed")
+
+
 def _weight(numel, device):
     return torch.randn(numel // 1024, 1024, generator=torch.Generator().manual_seed(0)).to(device)
 
@@ -209,12 +211,11 @@ def _weight(numel, device):
 @pytest.mark.benchmark(group="nf4-quantize")
 @pytest.mark.parametrize("provider", ["ours", "bitsandbytes"])
 def test_nf4_quantize(bench, device, provider, numel):
-    import bitsandbytes.functional as bnbf
-
     w = _weight(numel, device)
     if provider == "ours":
         fn = lambda: quantize_nf4(w, 64, double_quant=True)
     else:
+        bnbf = _bnb_functional()
         fn = lambda: bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     bits = quantize_nf4(w, 64, double_quant=True).bits_per_param
     bench(
@@ -233,13 +234,12 @@ def test_nf4_quantize(bench, device, provider, numel):
 @pytest.mark.benchmark(group="nf4-dequantize")
 @pytest.mark.parametrize("provider", ["ours", "bitsandbytes"])
 def test_nf4_dequantize(bench, device, provider, numel):
-    import bitsandbytes.functional as bnbf
-
     w = _weight(numel, device)
     if provider == "ours":
         q = quantize_nf4(w, 64, double_quant=True)
         fn = q.dequantize
     else:
+        bnbf = _bnb_functional()
         packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
         fn = lambda: bnbf.dequantize_4bit(packed, state)
     bench(

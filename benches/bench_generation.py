@@ -16,6 +16,7 @@ sequence: the baseline), transformers with its default `DynamicCache` (the refer
 """
 
 import functools
+import inspect
 import time
 
 import pytest
@@ -58,6 +59,13 @@ def _models(size: str, device_type: str):
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(config).to(device, _dtype(device)).eval()
     return hf, Llama.from_hf(hf)
+
+
+def _with_cache(hf, cache) -> dict:
+    """The forward's cache keyword: `cache` in transformers 5.24 (which deprecates `past_key_values`), still
+    `past_key_values` in 5.17 (the GPU image); there an unknown `cache=` would be swallowed by **kwargs, unused."""
+    name = "cache" if "cache" in inspect.signature(type(hf).forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 @functools.cache
@@ -126,14 +134,24 @@ def _decode_step(provider: str, hf, ours: Llama, ids: torch.Tensor):
         cache = transformers.DynamicCache(config=hf.config)
     else:
         cache = transformers.StaticCache(config=hf.config, max_cache_len=context + 1)
-    hf(ids[:, :-1], cache=cache, use_cache=True)
+    hf(ids[:, :-1], **_with_cache(hf, cache), use_cache=True)
 
     def step():
-        logits = hf(last, cache=cache, position_ids=position, use_cache=True, logits_to_keep=1).logits
-        cache.crop(-1)  # back to `context` tokens, so the next call measures the same step
+        logits = hf(last, **_with_cache(hf, cache), position_ids=position, use_cache=True, logits_to_keep=1).logits
+        _drop_last(cache)  # back to `context` tokens, so the next call measures the same step
         return logits[:, -1].argmax(-1)
 
     return step
+
+
+def _drop_last(cache) -> None:
+    """cache.crop(-1). transformers 5.17's StaticLayer has no crop (5.24 has): there rewind its fill count, which is
+    all 5.24's StaticLayer.crop does; the next update overwrites the stale slot."""
+    for layer in cache.layers:
+        if hasattr(layer, "crop"):
+            layer.crop(-1)
+        else:
+            layer.cumulative_length.sub_(1)
 
 
 def _record_ratio(info: dict, key: str, group: str, other: str, context, ours_median: float) -> None:
@@ -194,7 +212,7 @@ def test_prefill(bench, device, size, provider, context):
                 cache = transformers.DynamicCache(config=hf.config)
             else:
                 cache = transformers.StaticCache(config=hf.config, max_cache_len=context + 1)
-            return hf(ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+            return hf(ids, **_with_cache(hf, cache), use_cache=True, logits_to_keep=1).logits
 
     bench(
         fn,

@@ -123,15 +123,19 @@ def _llama(n_layer, size, device):
 
 def _set_variant(model, variant):
     """Put `model` in the checkpointing mode `variant` names."""
-    if hasattr(model, "activation_checkpointing_disable"):
-        model.activation_checkpointing_disable()
+    # transformers 5.24 names it activation_checkpointing_*; 5.17 (the GPU image) has only gradient_checkpointing_*.
+    for name in ("activation_checkpointing_disable", "gradient_checkpointing_disable"):
+        if hasattr(model, name):
+            getattr(model, name)()
+            break
     apply_checkpointing(model, "none")
     if isinstance(model, TinyGPT):
         model.run_blocks = {"torch-every": _torch_every, "torch-sqrt": _torch_sqrt}.get(variant, _plain)
         if variant == "ours-sequential-sqrt":
             model.run_blocks = _ours_sequential_sqrt
     if variant == "transformers-every":
-        model.activation_checkpointing_enable()  # gradient_checkpointing_enable(), under its current name
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     elif variant.startswith("ours-") and variant != "ours-sequential-sqrt":
         policy = variant.removeprefix("ours-")
         apply_checkpointing(model, policy, k=EVERY_K if policy == "every_k" else None)

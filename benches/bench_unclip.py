@@ -161,7 +161,7 @@ def test_variations(bench, trained, judge):
         items_unit="images/s",
         metrics=dict(accuracy=judge.accuracy(images, labels), judge_ceiling=judge.test_accuracy),
     )
-    rows = torch.cat([inputs[:, None], images.view(10, per_image, 1, 8, 8)], dim=1)  # the input, then its variations
+    rows = torch.cat([inputs[:, None], images.view(10, per_image, 1, 8, 8).cpu()], dim=1)  # the input, its variations
     bench.save_image("unclip_variations", image_grid(rows.flatten(0, 1), rows=10))
 
 
