@@ -1,4 +1,4 @@
-"""Shared helpers: device and dtype choice, seeding, the memory meter, tolerances."""
+"""Shared helpers: device and dtype choice, seeding, the memory meter, tolerances, timing and rooflines."""
 
 from impl.common.device import (
     DEVICE_CHOICES,
@@ -11,23 +11,46 @@ from impl.common.device import (
     synchronize,
 )
 from impl.common.memory import MemoryMeter, measure_peak, tensor_bytes
+from impl.common.roofline import (
+    DATASHEET,
+    Peak,
+    attention_flops,
+    datasheet_peak,
+    gemm_flops,
+    measure_roofs,
+    roofline,
+    train_flops,
+)
 from impl.common.seed import seed_everything
-from impl.common.tolerance import TOLERANCES, assert_close_to_reference_error, tolerance
+from impl.common.timing import cuda_graph, quantiles, time_calls
+from impl.common.tolerance import TOLERANCES, assert_close_to_reference_error, compare_to_reference, tolerance
 
 __all__ = [
+    "DATASHEET",
     "DEVICE_CHOICES",
     "SIZE_CHOICES",
     "TOLERANCES",
     "MemoryMeter",
+    "Peak",
     "assert_close_to_reference_error",
+    "attention_flops",
+    "compare_to_reference",
     "cpu_name",
+    "cuda_graph",
+    "datasheet_peak",
     "device_name",
+    "gemm_flops",
     "measure_peak",
+    "measure_roofs",
+    "quantiles",
     "resolve_device",
     "resolve_dtype",
     "resolve_size",
+    "roofline",
     "seed_everything",
     "synchronize",
     "tensor_bytes",
+    "time_calls",
     "tolerance",
+    "train_flops",
 ]

@@ -32,6 +32,15 @@ class Row:
     metrics: dict = field(default_factory=dict)
     plot: list = field(default_factory=list)  # extra panels for the sweep plot: metric names or "throughput"
     images: list = field(default_factory=list)  # PNG files saved beside the JSON by bench.save_image
+    flops: float | None = None  # per call, for the roofline (model FLOPs when mfu)
+    nbytes: float | None = None  # per call, bytes moved, for the roofline
+    mfu: bool = False
+    error: dict | None = None  # {"max_abs", "max_rel", "ok", ...} against the group's reference
+    quantiles: dict | None = None  # {"p20", "p50", "p80"} seconds
+    skipped: str | None = None  # the reason, for a row recorded as skipped
+    failed: str | None = None  # the error, for a benchmark that failed
+    fullname: str | None = None
+    device: str | None = None  # where the row's work ran
 
 
 @dataclass
@@ -70,6 +79,7 @@ def load_run(path: str | Path) -> Run:
         if not isinstance(bench, dict) or not isinstance(bench.get("stats"), dict) or "name" not in bench:
             raise ReportError(f"{path}: benchmark #{i} has no 'name' and 'stats'; not pytest-benchmark output")
         rows.append(_row(bench))
+    rows += _outcome_rows(data, rows)
     _infer_foreign_sweeps(rows)
     return Run(path=path, label=path.stem, header=_header(data), rows=rows)
 
@@ -81,6 +91,8 @@ def _row(bench: dict) -> Row:
         params = {k: v for k, v in (bench.get("params") or {}).items() if v is not None}
     oom = bool(extra.get("oom"))
     median = bench["stats"].get("median")
+    if extra.get("skipped"):
+        median = None
     return Row(
         group=bench.get("group") or "(no group)",
         name=bench["name"],
@@ -98,7 +110,40 @@ def _row(bench: dict) -> Row:
         metrics=dict(extra.get("metrics") or {}),
         plot=[str(p) for p in extra.get("plot") or []],
         images=[str(p) for p in extra.get("images") or []],
+        flops=float(extra["flops"]) if _is_number(extra.get("flops")) else None,
+        nbytes=float(extra["bytes"]) if _is_number(extra.get("bytes")) else None,
+        mfu=bool(extra.get("mfu")),
+        error=extra.get("error") if isinstance(extra.get("error"), dict) else None,
+        quantiles=extra.get("quantiles_s") if isinstance(extra.get("quantiles_s"), dict) else None,
+        skipped=str(extra["skipped"]) if extra.get("skipped") else None,
+        fullname=bench.get("fullname"),
+        device=extra.get("device"),
     )
+
+
+def _outcome_rows(data: dict, rows: list[Row]) -> list[Row]:
+    """Failed and skipped benchmarks recorded by `python -m impl bench`: a row that is already in the JSON is
+    marked; one that never produced a row (an import that failed, an error before timing) gets a row of its own."""
+    run = data.get("impl_run") if isinstance(data.get("impl_run"), dict) else {}
+    by_name = {r.fullname: r for r in rows if r.fullname}
+    extra = []
+    for o in run.get("outcomes") or []:
+        if not isinstance(o, dict):
+            continue
+        message = str(o.get("message") or "")
+        row = by_name.get(o.get("nodeid"))
+        if row is None:
+            params = {k: v for k, v in (o.get("params") or {}).items() if k != "provider"}
+            variant = str((o.get("params") or {}).get("provider") or str(o.get("name") or "?").split("[")[0])
+            row = Row(group=o.get("group") or "(no group)", name=str(o.get("name")), variant=variant,
+                      params=params, sweep=None, median_s=None, fullname=o.get("nodeid"))
+            extra.append(row)
+            by_name[row.fullname] = row
+        if o.get("outcome") == "failed":
+            row.failed = message or "failed"
+        elif not row.failed:
+            row.skipped = row.skipped or message or "skipped"
+    return extra
 
 
 def _infer_foreign_sweeps(rows: list[Row]) -> None:
@@ -140,4 +185,7 @@ def _header(data: dict) -> dict:
         "date": data.get("datetime"),
         "partial_runs": [d for d in data.get("partial_runs") or [] if d],
         "commit": (commit.get("id") or "")[:10] + ("+dirty" if commit.get("dirty") else ""),
+        "roofs": impl.get("roofs") if isinstance(impl.get("roofs"), dict) else None,
+        "datasheet": impl.get("datasheet") if isinstance(impl.get("datasheet"), dict) else None,
+        "run": data.get("impl_run") if isinstance(data.get("impl_run"), dict) else None,
     }

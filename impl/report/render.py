@@ -1,11 +1,14 @@
 """Benchmark rows -> a markdown report with one table per group and a plot per sweep."""
 
+import hashlib
+import math
 import re
 import shutil
 from pathlib import Path
 
 import pandas as pd
 
+from impl.common.roofline import roofline
 from impl.report.load import Row, Run
 
 MIB = 2**20
@@ -15,9 +18,17 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "group"
 
 
+def _md(text) -> str:
+    """Text safe inside a markdown table cell or heading: no line breaks, pipes or raw HTML."""
+    text = re.sub(r"\s+", " ", str(text)).strip()
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _fmt_time(seconds: float | None) -> str:
     if seconds is None:
         return "OOM"
+    if not math.isfinite(seconds) or seconds < 0:
+        return "invalid"
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
         if seconds >= scale:
             return f"{seconds / scale:.3g} {unit}"
@@ -27,6 +38,8 @@ def _fmt_time(seconds: float | None) -> str:
 def _fmt_bytes(n: int | None) -> str:
     if n is None:
         return "-"
+    if not math.isfinite(n) or n < 0:
+        return "invalid"
     for unit, scale in (("GiB", 2**30), ("MiB", MIB), ("KiB", 2**10)):
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
@@ -36,7 +49,7 @@ def _fmt_bytes(n: int | None) -> str:
 def _fmt(x) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
-    return "-" if x is None else str(x)
+    return "-" if x is None else _md(x)
 
 
 def _key(row: Row, varying: list[str]) -> tuple:
@@ -44,7 +57,7 @@ def _key(row: Row, varying: list[str]) -> tuple:
 
 
 def _ratio(num: float | None, den: float | None) -> str:
-    if num is None or den is None or den == 0 or num == 0:
+    if num is None or den is None or den <= 0 or num <= 0 or not math.isfinite(num / den):
         return "-"
     return f"{num / den:.2f}x"
 
@@ -63,10 +76,58 @@ def _fixed(rows: list[Row], varying: list[str]) -> str:
     return ", ".join(parts)
 
 
-def group_table(rows: list[Row]) -> pd.DataFrame:
-    """One row per benchmark: its parameters, median time, peak memory, throughput, and the ratios to the
-    group's baseline and reference at the same parameters (speed-up: their time / ours; memory: ours / theirs).
-    Columns that no row has data for are left out."""
+def _roof_columns(r: Row, header: dict) -> dict:
+    """% of the measured roof and of the datasheet peak (MFU for training steps), and the bound that applies."""
+    if r.median_s is None or (r.flops is None and r.nbytes is None) or (header.get("device") and r.device and
+                                                                        r.device != header.get("device")):
+        return {}
+    dtype = r.dtype or "float32"
+    roofs, sheet = header.get("roofs") or {}, header.get("datasheet")
+    names = ("MFU (roof)", "MFU (peak)") if r.mfu else ("% of roof", "% of peak")
+    out = {}
+    measured = roofline(r.median_s, flops=r.flops, nbytes=r.nbytes,
+                        peak_tflops=(roofs.get("gemm_tflops") or {}).get(dtype), peak_gbs=roofs.get("copy_gbs"))
+    if measured:
+        out[names[0]] = f"{measured['percent']:.1f}%"
+    if sheet:
+        peak = roofline(r.median_s, flops=r.flops, nbytes=r.nbytes, peak_tflops=(sheet.get("tflops") or {}).get(dtype),
+                        peak_gbs=sheet.get("gbs"))
+        if peak:
+            out[names[1]] = f"{peak['percent']:.1f}%"
+    if measured and not r.mfu:
+        out["bound"] = measured["bound"]
+    return out
+
+
+def _error_columns(r: Row) -> dict:
+    if not r.error:
+        return {}
+    ok = r.error.get("ok")
+    return {"max abs err": f"{r.error.get('max_abs', math.nan):.2e}", "max rel err":
+            f"{r.error.get('max_rel', math.nan):.2e}" + ("" if ok is not False else " (over tolerance)")}
+
+
+def _spread(r: Row) -> str | None:
+    q = r.quantiles or {}
+    if r.median_s and all(isinstance(q.get(k), int | float) for k in ("p20", "p80")) and q["p80"] >= q["p20"] >= 0:
+        return f"{q['p20'] / r.median_s:.2f}-{q['p80'] / r.median_s:.2f}"
+    return None
+
+
+def _time_cell(r: Row) -> str:
+    if r.failed:
+        return "failed"
+    if r.skipped:
+        return "skipped"
+    return _fmt_time(r.median_s)
+
+
+def group_table(rows: list[Row], header: dict | None = None) -> pd.DataFrame:
+    """One row per benchmark: its parameters, median time (with the p20-p80 spread as a fraction of it), peak
+    memory, throughput, % of the roofs, error against the reference, and the ratios to the group's baseline and
+    reference at the same parameters (speed-up: their time / ours; memory: ours / theirs). Failed and skipped
+    rows say why in `note`. Columns that no row has data for are left out."""
+    header = header or {}
     varying = [k for k in _varying(rows)]
     sweep = next((r.sweep for r in rows if r.sweep), None)
     if sweep in varying:  # the sweep first, then other parameters
@@ -77,20 +138,27 @@ def group_table(rows: list[Row]) -> pd.DataFrame:
     records = []
     order = sorted(rows, key=lambda r: ([_sort_value(r.params.get(k)) for k in varying], r.variant))
     for r in order:
-        rec = {"variant": r.variant}
-        rec.update({k: r.params.get(k) for k in varying})
-        rec["median time"] = _fmt_time(r.median_s)
+        rec = {"variant": _md(r.variant)}
+        rec.update({_md(k): _fmt(r.params.get(k)) for k in varying})
+        rec["median time"] = _time_cell(r)
+        spread = _spread(r)
+        if spread:
+            rec["p20-p80 / median"] = spread
         rec["peak memory"] = _fmt_bytes(r.peak_bytes) if not r.oom else "OOM"
         if r.throughput is not None:
-            rec[r.throughput_unit or "throughput"] = _fmt(r.throughput)
+            rec[_md(r.throughput_unit or "throughput")] = _fmt(r.throughput)
+        rec.update(_roof_columns(r, header))
+        rec.update(_error_columns(r))
         b, f = base.get(_key(r, varying)), ref.get(_key(r, varying))
         if b is not None:
-            rec[f"speed-up vs {b.variant}"] = _ratio(b.median_s, r.median_s)
-            rec[f"memory vs {b.variant}"] = _ratio(r.peak_bytes, b.peak_bytes)
+            rec[f"speed-up vs {_md(b.variant)}"] = _ratio(b.median_s, r.median_s)
+            rec[f"memory vs {_md(b.variant)}"] = _ratio(r.peak_bytes, b.peak_bytes)
         if f is not None:
-            rec[f"speed-up vs {f.variant}"] = _ratio(f.median_s, r.median_s)
-            rec[f"memory vs {f.variant}"] = _ratio(r.peak_bytes, f.peak_bytes)
-        rec.update({k: _fmt(v) for k, v in r.metrics.items()})
+            rec[f"speed-up vs {_md(f.variant)}"] = _ratio(f.median_s, r.median_s)
+            rec[f"memory vs {_md(f.variant)}"] = _ratio(r.peak_bytes, f.peak_bytes)
+        rec.update({_md(k): _fmt(v) for k, v in r.metrics.items()})
+        if r.failed or r.skipped:
+            rec["note"] = _md(("failed: " + r.failed) if r.failed else ("skipped: " + r.skipped))
         records.append(rec)
     table = pd.DataFrame.from_records(records)
     if "peak memory" in table and (table["peak memory"] == "-").all():
@@ -220,6 +288,18 @@ def _header_md(run: Run) -> list[str]:
         )
     if h.get("size"):
         lines.append(f"- benchmark size: {h['size']}")
+    roofs = h.get("roofs") or {}
+    if roofs.get("gemm_tflops"):
+        gemm = ", ".join(f"{d} {v:.3g} TFLOP/s" for d, v in roofs["gemm_tflops"].items() if _number(v))
+        lines.append(f"- roofs measured at the start of the run: GEMM ({roofs.get('gemm_n')}^3) {gemm}; copy "
+                     f"{_number(roofs.get('copy_gbs')) or 0:.3g} GB/s ({_fmt_bytes(roofs.get('copy_bytes'))} read "
+                     "and written)")
+    sheet = h.get("datasheet")
+    if sheet:
+        peaks = ", ".join(f"{d} {v:g} TFLOP/s" for d, v in (sheet.get("tflops") or {}).items())
+        lines.append(f"- datasheet peak ({_md(sheet.get('name'))}, dense): {peaks}; {sheet.get('gbs'):g} GB/s "
+                     f"({_md(sheet.get('source'))})")
+    lines += _run_record(h.get("run"))
     lines += [
         f"- software: Python {h.get('python')}"
         + (f", {libs}" if libs else "")
@@ -230,6 +310,52 @@ def _header_md(run: Run) -> list[str]:
         "",
     ]
     return lines
+
+
+def _run_record(run: dict | None) -> list[str]:
+    """The groups a budgeted run skipped or stopped, and how many benchmarks failed."""
+    if not run:
+        return []
+    lines = []
+    groups = [g for g in run.get("groups") or [] if isinstance(g, dict)]
+    if run.get("budget_s") is not None:
+        ran = [g for g in groups if g.get("status") == "ran"]
+        spent = sum(g.get("seconds") or 0 for g in ran)
+        lines.append(f"- budget {run['budget_s']:g} s: {len(ran)} of {len(groups)} groups ran, in {spent:.0f} s")
+    for g in groups:
+        if g.get("status") in ("skipped", "stopped"):
+            lines.append(f"  - {_md(g.get('module'))} {g['status']}: {_md(g.get('reason'))}")
+    failed = [o for o in run.get("outcomes") or [] if isinstance(o, dict) and o.get("outcome") == "failed"]
+    if failed:
+        lines.append(f"- **{len(failed)} benchmark(s) failed**; each is a row marked failed in its group: "
+                     + ", ".join(f"`{_md(o.get('nodeid'))}`" for o in failed[:10]) + (" ..." if len(failed) > 10
+                                                                                       else ""))
+    return lines
+
+
+CONVENTIONS = (
+    "How figures are measured: on CUDA each call is timed with CUDA events, after a warm-up, with the L2 cache "
+    "flushed before every call for kernel groups; on CPU with `time.perf_counter`. The median is shown, with "
+    "the p20 and p80 as fractions of it. FLOPs: GEMM 2·M·N·K; attention forward 4·B·H·Nq·Nk·D (causal: the live "
+    "half), backward 2.5x forward; a training step's model FLOPs are (6·N + 12·L·T·d) per token (frozen weights "
+    "count 4·N), recomputation not counted. Bytes: each input read once and each output written once; a decode "
+    "step reads the weights and the KV cache once per token. % of roof is achieved / min(P, I·B) at arithmetic "
+    "intensity I = FLOPs / bytes, with P and B measured at the start of the run (a large GEMM per dtype, a large "
+    "copy); % of peak uses the vendor's dense datasheet figures; the bound is compute when I is above the ridge "
+    "point P / B. MFU is a training step's model FLOP/s over the same roofs. Errors are against the group's "
+    "reference on the benchmark's own inputs: max |ours - ref|, and that over max |ref|; a row outside the "
+    "dtype's tolerance fails its benchmark. Conventions and the datasheet table: `impl/common/roofline.py`."
+)
+
+
+def _unique_png(group: str, label: str, taken: set[str]) -> str:
+    """A plot file name per group and run; a short hash keeps names that slug alike apart."""
+    name = f"{_slug(group)}--{_slug(label)}.png"
+    if name in taken or _slug(group) == "group":
+        digest = hashlib.sha1(group.encode("utf-8")).hexdigest()[:8]
+        name = f"{_slug(group)}-{digest}--{_slug(label)}.png"
+    taken.add(name)
+    return name
 
 
 def render(runs: list[Run], out_dir: str | Path, title: str = "Benchmark report") -> Path:
@@ -244,6 +370,8 @@ def render(runs: list[Run], out_dir: str | Path, title: str = "Benchmark report"
         "this one's (above 1: faster); memory is this one's peak over the other's (below 1: smaller). "
         "Peak memory is CUDA allocator peak on GPU and exact tensor accounting on CPU.",
         "",
+        CONVENTIONS,
+        "",
         "## Runs",
         "",
     ]
@@ -255,12 +383,13 @@ def render(runs: list[Run], out_dir: str | Path, title: str = "Benchmark report"
             if r.group not in groups:
                 groups.append(r.group)
     lines += ["## Contents", ""]
-    lines += [f"- [{group}](#{_anchor(group)})" for group in groups]
+    lines += [f"- [{_md(group)}](#{_anchor(_md(group))})" for group in groups]
     if any(out_dir.glob("*/report.md")):
         lines += ["- [Training runs](#training-runs)"]
     lines += [""]
+    taken: set[str] = set()
     for group in groups:
-        lines += [f"## {group}", ""]
+        lines += [f"## {_md(group)}", ""]
         for run in runs:
             rows = [r for r in run.rows if r.group == group]
             if not rows:
@@ -269,11 +398,11 @@ def render(runs: list[Run], out_dir: str | Path, title: str = "Benchmark report"
                 lines += [f"### {_run_title(run)}", ""]
             fixed = _fixed(rows, _varying(rows))
             if fixed:
-                lines += [f"Fixed: {fixed}.", ""]
-            lines += [group_table(rows).to_markdown(index=False), ""]
-            png = f"{_slug(group)}--{_slug(run.label)}.png"
+                lines += [f"Fixed: {_md(fixed)}.", ""]
+            lines += [group_table(rows, run.header).to_markdown(index=False), ""]
+            png = _unique_png(group, run.label, taken)
             if plot_sweep(rows, out_dir / png, f"{group} — {_run_title(run)}"):
-                lines += [f"![{group}]({png})", ""]
+                lines += [f"![{_md(group)}]({png})", ""]
             lines += _images(rows, run, out_dir)
     lines += _run_sections(out_dir)
     path = out_dir / "README.md"
