@@ -1,11 +1,22 @@
-"""Attention: naive (N x N scores) against torch SDPA, the tiled PyTorch FlashAttention and the Triton
-FlashAttention-2 kernels (CUDA only), swept over sequence length; forward, backward, and forward+backward.
+"""Attention: naive (N x N scores), eager and torch.compile'd, against torch SDPA, the tiled PyTorch
+FlashAttention and the Triton FlashAttention-2 kernels (CUDA only), swept over sequence length; forward,
+backward, and forward+backward. Dao et al., "FlashAttention" (2022) and "FlashAttention-2" (2023).
 
-Dao et al., "FlashAttention" (2022) and "FlashAttention-2" (2023). FLOPs are the analytic count of the two
-matmuls, 4 * B * H * N^2 * D for the forward, 2.5x that for the backward (five matmuls, one recomputed).
-Recorded targets: on CPU, the tiled forward+backward peak at N=4096 at most 1/8 of naive's; on CUDA, the
-TFLOP/s as a share of the H200's 989 TFLOP/s dense bf16 peak (the table's "speed-up vs sdpa" column gives
-the Triton-vs-SDPA-flash ratios the GPU targets name: forward >= 0.8, backward >= 0.6).
+Conventions, the same in every row:
+- inputs (batch, heads, seq_len, head_dim), made on the device by torch.randn with a generator there, one seed
+  per tensor; fp32 on CPU, bf16 on CUDA, non-causal.
+- flops: impl.common.roofline.attention_flops for the pass (backward 2.5x, forward+backward 3.5x the forward).
+  bytes: every input read once and every output written once: forward q, k, v read and out written (4
+  tensors); backward q, k, v, out, dout read and dq, dk, dv written (8); forward+backward q, k, v, dout read
+  and out, dq, dk, dv written (8). The renderer turns them into % of roof / % of peak and the bound.
+- expected: torch SDPA on the same inputs (fp32 on CPU; on CUDA the bf16 SDPA output), computed outside the
+  timed call; every row shows max abs/rel error against it and fails beyond the dtype's tolerance. Backward
+  rows compare dq, dk, dv; forward+backward rows out, dq, dk, dv.
+- L2 flushed before every timed call on CUDA (flush_l2=True).
+- "naive (compiled)": torch.compile of naive attention, at the first seq_len under --size smoke and up to
+  1024 under small (compile time on a small CPU box), up to 4096 under full.
+Recorded target: on CPU, the tiled forward+backward peak at N=4096 at most 1/8 of naive's (the GPU targets,
+Triton forward >= 0.8x and backward >= 0.6x of SDPA-flash, read off the table's speed-up vs sdpa column).
 """
 
 import contextlib
@@ -15,16 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from impl.attention import flash_attention_torch, flash_attention_triton, naive_attention
-from impl.common import MemoryMeter, resolve_device
+from impl.common import MemoryMeter, resolve_device, resolve_size
+from impl.common.roofline import attention_flops
 
-SWEEPS = {
-    "seq_len": {"smoke": [64, 128], "small": [256, 512, 1024, 2048, 4096], "full": [1024, 2048, 4096, 8192, 16384]},
-    "head_dim": {"smoke": [64], "small": [64], "full": [64, 128]},
-}
+SWEEPS = {"head_dim": {"smoke": [64], "small": [64], "full": [64, 128]}}
+SEQ_LENS = {"smoke": [64, 128], "small": [256, 512, 1024, 2048, 4096], "full": [1024, 2048, 4096, 8192, 16384]}
+COMPILED_MAX_SEQ_LEN = {"smoke": 64, "small": 1024, "full": 4096}  # compile time bounds the compiled sweep
 CPU_BATCH, CPU_HEADS = 1, 2
 GPU_TOKENS, GPU_HIDDEN = 16384, 2048  # as in the FlashAttention-2 paper: batch = 16k / N, heads = 2048 / head_dim
-H200_BF16_TFLOPS = 989.0
 CPU_TARGET_SEQ_LEN, CPU_TARGET_RATIO = 4096, 1 / 8
+COMPILED = "naive (compiled)"
 
 
 def sdpa(q, k, v):
@@ -45,14 +56,30 @@ def flash_torch(q, k, v):
     return flash_attention_torch(q, k, v, block_q=block, block_k=block)
 
 
-PROVIDERS = {"naive": naive_attention, "sdpa": sdpa, "flash_torch": flash_torch, "flash_triton": flash_attention_triton}
+# COMPILED runs naive_attention: the bench fixture compiles it (test_backward compiles its forward itself).
+PROVIDERS = {
+    "naive": naive_attention,
+    COMPILED: naive_attention,
+    "sdpa": sdpa,
+    "flash_torch": flash_torch,
+    "flash_triton": flash_attention_triton,
+}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """flash_triton is a provider only on CUDA (on CPU the kernels run only under the interpreter, in tests)."""
+    """(provider, seq_len) pairs: flash_triton only on CUDA (on CPU the kernels run only under the interpreter,
+    in tests), the compiled variant only up to COMPILED_MAX_SEQ_LEN."""
     if "provider" in metafunc.fixturenames:
-        on_cuda = resolve_device(metafunc.config.getoption("--device")).type == "cuda"
-        metafunc.parametrize("provider", [p for p in PROVIDERS if on_cuda or p != "flash_triton"])
+        device = resolve_device(metafunc.config.getoption("--device"))
+        size = resolve_size(metafunc.config.getoption("--size"), device)
+        pairs = [
+            pytest.param(p, n, id=f"{p.replace(' ', '_')}-seq_len={n}")
+            for p in PROVIDERS
+            if device.type == "cuda" or p != "flash_triton"
+            for n in SEQ_LENS[size]
+            if p != COMPILED or n <= COMPILED_MAX_SEQ_LEN[size]
+        ]
+        metafunc.parametrize(("provider", "seq_len"), pairs)
 
 
 def _batch_heads(device, seq_len, head_dim):
@@ -61,18 +88,35 @@ def _batch_heads(device, seq_len, head_dim):
     return CPU_BATCH, CPU_HEADS
 
 
+def _randn(shape, device, dtype, seed, requires_grad=False):
+    """torch.randn made on the device itself (no host-side tensor to copy), one seed per tensor."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(shape, generator=g, device=device, dtype=dtype).requires_grad_(requires_grad)
+
+
 def _inputs(seq_len, head_dim, device, requires_grad):
+    """q, k, v, and dout (the gradient flowing into the output), each of shape (batch, heads, seq_len, head_dim)."""
     batch, heads = _batch_heads(device, seq_len, head_dim)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    g = torch.Generator(device="cpu").manual_seed(0)
     shape = (batch, heads, seq_len, head_dim)
-    return [torch.randn(shape, generator=g).to(device, dtype).requires_grad_(requires_grad) for _ in range(3)]
+    q, k, v = (_randn(shape, device, dtype, seed, requires_grad) for seed in range(3))
+    return q, k, v, _randn(shape, device, dtype, 3)
 
 
-def _measure(bench, fn, provider, q, flops_factor):
-    """Bench `fn` on inputs shaped like `q`; FLOPs are flops_factor x the forward's 4 * B * H * N^2 * D."""
+def _reference(q, k, v, grad_out, pass_):
+    """SDPA's result for the pass, outside any timed call: out; (dq, dk, dv); or (out, dq, dk, dv)."""
+    if pass_ == "forward":
+        with torch.no_grad():
+            return sdpa(q, k, v)
+    out = sdpa(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    return grads if pass_ == "backward" else (out.detach(), *grads)
+
+
+def _measure(bench, fn, provider, q, pass_, expected):
+    """Bench `fn` on inputs shaped like `q`, with the pass's FLOPs and bytes, against SDPA's `expected`."""
     batch, heads, seq_len, head_dim = q.shape
-    info = bench(
+    return bench(
         fn,
         variant=provider,
         params={"seq_len": seq_len, "head_dim": head_dim, "heads": heads, "batch": batch},
@@ -80,11 +124,12 @@ def _measure(bench, fn, provider, q, flops_factor):
         dtype=q.dtype,
         baseline=provider == "naive",
         reference=provider == "sdpa",
-        flops=flops_factor * 4 * batch * heads * seq_len**2 * head_dim,
+        flops=attention_flops(batch, heads, seq_len, seq_len, head_dim, pass_=pass_),
+        bytes=(4 if pass_ == "forward" else 8) * q.numel() * q.element_size(),
+        expected=expected,
+        flush_l2=True,
+        compile=provider == COMPILED and pass_ != "backward",  # the backward's forward is compiled outside
     )
-    if bench.device.type == "cuda" and info.get("throughput") is not None:  # known only once timed
-        info["metrics"]["% of H200 bf16 peak"] = 100 * info["throughput"] / H200_BF16_TFLOPS
-    return info
 
 
 def _fwd_bwd_peak(attn, q, k, v, grad_out):
@@ -95,39 +140,52 @@ def _fwd_bwd_peak(attn, q, k, v, grad_out):
 
 @pytest.mark.benchmark(group="attention-forward")
 def test_forward(bench, device, provider, seq_len, head_dim):
-    q, k, v = _inputs(seq_len, head_dim, device, requires_grad=False)
+    q, k, v, grad_out = _inputs(seq_len, head_dim, device, requires_grad=False)
     attn = PROVIDERS[provider]
 
     def fn():
         with torch.no_grad():
             return attn(q, k, v)
 
-    _measure(bench, fn, provider, q, 1.0)
+    _measure(bench, fn, provider, q, "forward", _reference(q, k, v, grad_out, "forward"))
 
 
 @pytest.mark.benchmark(group="attention-backward")
 def test_backward(bench, device, provider, seq_len, head_dim):
-    q, k, v = _inputs(seq_len, head_dim, device, requires_grad=True)
-    grad_out = torch.randn_like(q)
-    out = PROVIDERS[provider](q, k, v)  # the forward, outside the measured call
+    q, k, v, grad_out = _inputs(seq_len, head_dim, device, requires_grad=True)
+    expected = _reference(q, k, v, grad_out, "backward")
+    attn = PROVIDERS[provider]
+    if provider == COMPILED:  # compile the forward here: its backward (AOTAutograd's) is what gets timed
+        try:
+            attn = torch.compile(naive_attention)
+            out = attn(q, k, v)
+        except Exception as err:
+            bench.skip(
+                f"torch.compile failed: {type(err).__name__}: {str(err)[:200]}",
+                variant=provider,
+                params={"seq_len": seq_len, "head_dim": head_dim},
+                sweep="seq_len",
+                dtype=q.dtype,
+            )
+    else:
+        out = attn(q, k, v)  # the forward, outside the measured call
 
-    def fn():
+    def fn():  # autograd.grad, not .backward(): no .grad accumulates, so there is nothing to reset
         return torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
 
-    _measure(bench, fn, provider, q, 2.5)
+    _measure(bench, fn, provider, q, "backward", expected)
 
 
 @pytest.mark.benchmark(group="attention-forward-backward")
 def test_forward_backward(bench, device, provider, seq_len, head_dim):
-    q, k, v = _inputs(seq_len, head_dim, device, requires_grad=True)
-    grad_out = torch.randn_like(q)
+    q, k, v, grad_out = _inputs(seq_len, head_dim, device, requires_grad=True)
     attn = PROVIDERS[provider]
 
     def fn():
         out = attn(q, k, v)
-        return torch.autograd.grad(out, (q, k, v), grad_out)
+        return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))
 
-    info = _measure(bench, fn, provider, q, 3.5)
+    info = _measure(bench, fn, provider, q, "forward+backward", _reference(q, k, v, grad_out, "forward+backward"))
     if device.type == "cpu" and provider == "flash_torch" and seq_len == CPU_TARGET_SEQ_LEN and not info["oom"]:
         ratio = info["peak_bytes"] / _fwd_bwd_peak(naive_attention, q, k, v, grad_out)
         info["metrics"]["peak / naive peak"] = ratio
