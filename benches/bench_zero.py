@@ -11,6 +11,12 @@ optimizer state; DDP's gradient buckets are not visible this way and are left ou
 row's peak memory, next to bytes per parameter and the ZeRO paper's formula for it. Communication is counted
 by ours in the paper's units (all-reduce: 2 x the tensor, reduce-scatter and all-gather: 1 x); the paper's
 claim is that stage 3 moves 1.5x what stages 0-2 move.
+
+Every row's error column compares rank 0's full parameters after its first training step (gathered from the
+shards where a variant shards them) with one AdamW step of the same MLP on the whole global batch in a single
+process. MFU counts the step's model FLOPs for the whole world (6 x parameters x samples: `train_flops` with no
+attention term, n_layer=0, since the model is an MLP); the ranks share one machine. With gloo the ranks run on
+the CPU, and the rows say so.
 """
 
 from fractions import Fraction
@@ -20,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from impl.common.roofline import train_flops
 from impl.distributed import Zero
 from impl.distributed.launch import RankPool
 
@@ -34,12 +41,36 @@ PAPER_BYTES = {
     3: lambda n: Fraction(16, n),
 }
 REFERENCES = {0: "torch-ddp", 1: "torch-zero-redundancy", 3: "torch-fsdp2"}
+LR = 1e-3
+# One AdamW step from the same weights: gloo/nccl sum the ranks' gradients in another order than one process
+# does, and Adam's first update is ~lr·g/|g|, so a gradient element within rounding of zero can move by up to lr
+# in either process. Measured on x86 CPUs (gloo, smoke and small sizes, 1-4 ranks): max abs error <= 2.5e-7.
+# The bound leaves room for such an element without hiding a wrong step (a missing, doubled or stale update
+# moves weights by ~lr = 1e-3: sending a live weight instead of a copy through the pipe failed at 1.0e-3).
+STEP_TOL = {"atol": 1e-4, "rtol": 1e-5}
 
 
 def _mlp(width: int, layers: int) -> nn.Module:
     torch.manual_seed(0)
     blocks = [m for _ in range(layers) for m in (nn.Linear(width, width), nn.GELU())]
     return nn.Sequential(*blocks, nn.Linear(width, width))
+
+
+def _rank_batch(rank: int, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(rank)
+    return torch.randn(rows, width, generator=g), torch.randn(rows, width, generator=g)
+
+
+def _reference_step(sizes: tuple, world_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """One AdamW step of the MLP in a single process on the global batch (every rank's slice, concatenated)."""
+    width, layers, batch = sizes
+    model = _mlp(width, layers).to(device)
+    x, y = (torch.cat(t).to(device) for t in zip(*(_rank_batch(r, batch // world_size, width)
+                                                    for r in range(world_size))))  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    F.mse_loss(model(x), y).backward()
+    optimizer.step()
+    return {name: p.detach() for name, p in model.named_parameters()}
 
 
 def _local_bytes(tensors) -> int:
@@ -60,13 +91,11 @@ class _Setup:
     def __init__(self, variant: str, rank: int, world_size: int, device: torch.device, width, layers, batch):
         model = _mlp(width, layers).to(device)
         self.numel = sum(p.numel() for p in model.parameters())
-        g = torch.Generator().manual_seed(rank)
-        self.x = torch.randn(batch // world_size, width, generator=g).to(device)
-        self.y = torch.randn(batch // world_size, width, generator=g).to(device)
+        self.x, self.y = (t.to(device) for t in _rank_batch(rank, batch // world_size, width))
         self.zero = None
         if variant.startswith("zero-") or variant == "dp":
             stage = 0 if variant == "dp" else int(variant[-1])
-            self.zero = self.run = Zero(model, torch.optim.AdamW, stage=stage, lr=1e-3)
+            self.zero = self.run = Zero(model, torch.optim.AdamW, stage=stage, lr=LR)
             self.optimizer = self.zero
             return
         self.model = model
@@ -77,17 +106,17 @@ class _Setup:
                 if isinstance(layer, nn.Linear):
                     fully_shard(layer)
             self.run = fully_shard(model)
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
             return
         from torch.nn.parallel import DistributedDataParallel
 
         self.run = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if variant == "torch-ddp":
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
         else:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
-            self.optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-3)
+            self.optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=LR)
 
     def step(self, measure: bool = False) -> dict | None:
         before = self.zero.comm.bytes_moved if self.zero is not None else None
@@ -96,6 +125,16 @@ class _Setup:
         stats = self.stats(before) if measure else None
         self.optimizer.zero_grad()
         return stats
+
+    def full_params(self) -> dict[str, torch.Tensor]:
+        """Collective: the full parameters on this rank, on the CPU (gathered from shards where sharded)."""
+        if self.zero is not None:
+            return {k: v.cpu() for k, v in self.zero.state_dict()["model"].items()}
+        full = {}
+        for name, p in self.model.named_parameters():
+            p = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2's DTensor shards
+            full[name] = p.detach().cpu().clone()  # a pipe shares CPU storage: send a copy, not the live weight
+        return full
 
     def stats(self, comm_before: int | None) -> dict:
         if self.zero is not None:
@@ -116,7 +155,9 @@ def _serve(rank: int, world_size: int, conn, variant: str, sizes: tuple) -> None
     on_gpu = torch.distributed.get_backend() == "nccl"  # spawn() has set this rank's GPU
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     setup = _Setup(variant, rank, world_size, device, *sizes)
-    conn.send(setup.step(measure=True))
+    stats = setup.step(measure=True)
+    params = setup.full_params()  # every rank joins the gathers; rank 0's copy goes back
+    conn.send({**stats, "params": params} if rank == 0 else stats)
     while conn.recv() == "step":
         setup.step()
         if on_gpu:
@@ -140,6 +181,7 @@ def _bench_variant(bench, device, size, stage: int, variant: str, world_size: in
             "comm MiB/step": None if stats["comm_bytes"] is None else round(stats["comm_bytes"] / 2**20, 3),
             "comm vs 2Ψ": None if stats["comm_bytes"] is None else round(stats["comm_bytes"] / (2 * 4 * numel), 3),
         }
+        expected = _reference_step(sizes, world_size, device)
         info = bench(
             lambda: ranks.send("step"),
             variant=variant,
@@ -148,9 +190,15 @@ def _bench_variant(bench, device, size, stage: int, variant: str, world_size: in
             dtype=torch.float32,
             baseline=variant == "dp",
             reference=variant == REFERENCES.get(stage),
+            flops=train_flops(numel, 0, 0, 0, batch),  # whole world: 6·N per sample
+            mfu=True,
             items=batch,
             items_unit="samples/s",
             metrics=metrics,
+            expected=expected,
+            output=lambda: stats["params"],  # after the first step, taken before bench's own calls
+            tol=STEP_TOL,
+            device=device if backend == "nccl" else torch.device("cpu"),
         )
         info["peak_bytes"] = stats["state_bytes"]  # rank 0's model states; the parent process holds none
     finally:
