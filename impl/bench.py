@@ -17,9 +17,11 @@ The exit code is 1 when a benchmark failed, after the report is written.
 
 import argparse
 import ast
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +52,7 @@ ESTIMATED_S = {
     "bench_zero": (20, 90, 60),
 }
 _DEFAULT_ESTIMATE = (30, 120, 60)
+STOP_GRACE_S = 15  # after SIGINT at the end of the budget, before SIGKILL
 
 
 def _budget(text: str) -> float:
@@ -68,6 +71,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+    start = time.monotonic()
     parser = _Parser(prog="python -m impl bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SIZE_CHOICES, default=None, help="default: small on CPU, full on CUDA")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
@@ -109,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     outcomes_path = work / "outcomes.jsonl"
     env = {**os.environ, "IMPL_ROOFS": str(roofs_path), "IMPL_BENCH_OUTCOMES": str(outcomes_path),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    start = time.monotonic()
     groups, codes = [], []
     for i, (module, est) in enumerate(plan, 1):
         left = None if args.budget_s is None else args.budget_s - (time.monotonic() - start)
@@ -129,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.monotonic() - t0
         if code is None:
             groups.append({"module": module.stem, "status": "stopped", "seconds": seconds, "estimate_s": est,
-                           "reason": "still running when the budget ended; its rows are lost"})
+                           "reason": f"still running when the budget ended (estimated {est:.0f} s, stopped after "
+                                     f"{seconds:.0f} s); the rows it had finished are kept"})
             codes.append(1)
             continue
         groups.append({"module": module.stem, "status": "ran", "seconds": seconds, "estimate_s": est,
@@ -194,18 +198,26 @@ def _measure_roofs(device, size: str) -> dict:
 
 
 def _run(cmd: list[str], env: dict, timeout: float | None) -> int | None:
-    """Run one group; None if it ran past `timeout` (then it and its children are stopped)."""
+    """Run one group; None if it ran past `timeout`. Then it gets SIGINT, on which pytest ends the session and
+    pytest-benchmark still writes the rows finished so far; whatever is left a few seconds later is killed."""
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
+        os.killpg(proc.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=STOP_GRACE_S)
+        _kill_group(proc)
         return None
     except BaseException:  # Ctrl-C or SIGTERM of the driver: the group goes with it
-        os.killpg(proc.pid, 9)
-        proc.wait()
+        _kill_group(proc)
         raise
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone, children included
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _combine(work: Path, groups: list[dict], budget_s, outcomes_path: Path, roofs_path: Path) -> Path | None:

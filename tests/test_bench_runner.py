@@ -139,3 +139,39 @@ def test_a_bad_budget_is_one_line_error(benches: Path, tmp_path: Path, budget: s
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: argument --budget-s")
     assert "Traceback" not in proc.stderr
+
+
+SLOW = '''
+import time
+
+import pytest
+import torch
+
+ESTIMATED_S = {"smoke": 1, "small": 1, "full": 1}  # wrong on purpose: the group runs past the budget
+
+
+@pytest.mark.benchmark(group="toy-slow")
+def test_1_quick(bench):
+    x = torch.ones(8)
+    bench(lambda: x * 2, variant="quick", params={})
+
+
+@pytest.mark.benchmark(group="toy-slow")
+def test_2_hangs(bench):
+    time.sleep(600)
+'''
+
+
+def test_a_group_past_the_budget_is_stopped_and_keeps_its_finished_rows(benches: Path, tmp_path: Path):
+    folder = tmp_path / "benches"
+    folder.mkdir()
+    shutil.copy(benches / "conftest.py", folder / "conftest.py")
+    shutil.copy(benches.parent / "conftest.py", tmp_path / "conftest.py")
+    (folder / "bench_slow.py").write_text(textwrap.dedent(SLOW))
+    proc = run_bench("--benches", str(folder), "--out", str(tmp_path / "out"), "--budget-s", "20", cwd=tmp_path)
+    assert proc.returncode == 1
+    data = json.loads((tmp_path / "out" / "bench-cpu-smoke.json").read_text())
+    assert [b["extra_info"]["variant"] for b in data["benchmarks"]] == ["quick"]
+    (group,) = data["impl_run"]["groups"]
+    assert group["status"] == "stopped" and group["seconds"] < 20 + 15 + 5
+    assert "bench_slow stopped: still running when the budget ended" in (tmp_path / "out" / "README.md").read_text()
