@@ -10,6 +10,11 @@ so its peak memory is the activations plus backward's transients, the part check
 what autograd keeps after the forward (`saved_tensor_bytes`, parameters excluded). On the `sqrt` rows,
 `activation cut` (peak without / with checkpointing) and `step time ratio` (interleaved medians) record the issue's
 targets: at 32 layers a cut of at least 3x for at most 1.4x the time (one extra forward: 4/3 in theory).
+
+MFU counts model FLOPs (`train_flops`): recomputation is not counted, so MFU drops with checkpointing by what
+the extra forward costs, which is the trade the policy makes. Every row's loss and gradients are checked against
+the no-checkpointing run of the same model on the same batch and the same dropout masks (the RNG is seeded before
+each, and checkpointing replays it): checkpointing must not change the math.
 """
 
 import math
@@ -23,6 +28,7 @@ import torch.utils.checkpoint as torch_ckpt
 from torch import nn
 
 from impl.common import MemoryMeter, synchronize
+from impl.common.roofline import train_flops
 from impl.memory import apply_checkpointing, checkpoint_sequential, saved_tensor_bytes
 from impl.memory.policy import segment_lengths
 
@@ -179,8 +185,22 @@ def _targets(model, loss_fn, variant, device, size) -> dict:
     }
 
 
+def _loss_and_grads(model, loss_fn, variant: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Loss and gradients (parameter order) of one forward+backward in mode `variant`, dropout seeded."""
+    _set_variant(model, variant)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    loss = loss_fn()
+    loss.backward()
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
 def _run(bench, device, size, n_layer, variant, build, stack):
     model, loss_fn, tokens = build(n_layer, size, device)
+    expected = _loss_and_grads(model, loss_fn, "none")
+    got = _loss_and_grads(model, loss_fn, variant)
     _set_variant(model, variant)
     with saved_tensor_bytes(exclude=model.parameters()) as saved:
         loss_fn()
@@ -189,6 +209,7 @@ def _run(bench, device, size, n_layer, variant, build, stack):
         metrics.update(_targets(model, loss_fn, variant, device, size))
     step = _step_fn(model, loss_fn, device)
     width, heads, batch, seq = SHAPES[size]
+    n_params = sum(p.numel() for p in model.parameters())
     bench(
         step,
         variant=variant,
@@ -198,7 +219,11 @@ def _run(bench, device, size, n_layer, variant, build, stack):
         baseline=variant == "none",
         reference=variant in ("torch-sqrt", "transformers-every"),
         tokens=tokens,
+        flops=train_flops(n_params, n_layer, width, seq, tokens),  # model FLOPs: the recomputation is not counted
+        mfu=True,
         metrics=metrics,
+        expected=expected,  # the no-checkpointing run's loss and gradients
+        output=lambda: got,
     )
 
 
