@@ -12,7 +12,13 @@ Tensor parallel (`tensor-parallel-gpt`): one training step (forward, vocab-paral
 same GPT split over TP ranks; the row records rank 0's parameter bytes and its peak bytes during the step.
 
 Ranks stay up for a whole benchmark; one timed call is one synchronized step on every rank, driven from here
-through pipes.
+through pipes. The ranks run on gloo, so every row is recorded on the CPU, whatever the session's device.
+
+Error columns: a pipeline row compares its first step's loss (last stage) and every stage's gradients (the tied
+embedding's summed over first and last stage) with the same GPT in one process on the whole batch; a TP row
+compares the loss of its first step and of the step after one AdamW update (so the gradients, sharded over the
+ranks, are judged through the update they make) with the single-process GPT and AdamW. MFU is the training
+step's model FLOPs (`train_flops`) for the whole world: the ranks share one machine.
 """
 
 import pytest
@@ -20,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from impl.common import MemoryMeter, tensor_bytes
+from impl.common.roofline import train_flops
 from impl.distributed import PipelineSchedule, tensor_parallelize
 from impl.distributed.launch import RankPool
 from impl.distributed.pipeline import gpt_loss, split_gpt
@@ -34,6 +41,8 @@ SIZES = {"smoke": (32, 4, 4, 16, 2), "small": (128, 4, 4, 64, 4), "full": (256, 
 STAGES = {"smoke": 2, "small": 4, "full": 4}
 VOCAB = 65
 TIMEOUT_S = 120
+LR = 1e-4
+CPU = torch.device("cpu")  # gloo ranks
 
 
 def _gpt(size: str) -> GPT:
@@ -62,10 +71,13 @@ class _PipelineRank:
         self.bubbles.append(self.pipeline.bubble_fraction())
 
     def measure(self) -> dict:
+        """The first step: this stage's peak bytes, its gradients and (last stage) the loss."""
         with MemoryMeter("cpu") as meter:
-            self.step()
-        self.bubbles.clear()
-        return {"peak": meter.peak}
+            loss = self.pipeline.step(*self.tokens)
+        tied = {"lm_head.weight"} if self.stage.last and not self.stage.first else set()  # a copy of wte
+        grads = {n: p.grad.clone() for n, p in self.stage.named_parameters() if n not in tied}
+        self.stage.zero_grad(set_to_none=False)
+        return {"peak": meter.peak, "loss": loss, "grads": grads}
 
     def stats(self) -> dict:
         return {"bubble": sum(self.bubbles) / max(1, len(self.bubbles))}
@@ -74,24 +86,54 @@ class _PipelineRank:
 class _TensorParallelRank:
     def __init__(self, size: str):
         self.model = tensor_parallelize(_gpt(size), dist.group.WORLD)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR)
         _, _, _, seq, batch = SIZES[size]
         self.tokens = _tokens(batch, seq)
 
-    def step(self) -> None:
+    def step(self) -> torch.Tensor:
         _, loss = self.model(*self.tokens)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad()
+        return loss.detach()
 
     def measure(self) -> dict:
-        self.step()  # the optimizer's state exists from here on, as in every later step
+        first = self.step()  # the optimizer's state exists from here on, as in every later step
         with MemoryMeter("cpu") as meter:
-            self.step()
-        return {"peak": meter.peak, "params": tensor_bytes(*self.model.parameters())}
+            second = self.step()
+        return {"peak": meter.peak, "params": tensor_bytes(*self.model.parameters()), "losses": (first, second)}
 
     def stats(self) -> dict:
         return {}
+
+
+def _reference_grads(size: str, n_microbatches: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The pipeline's first step in one process: the loss on the whole batch and every parameter's gradient."""
+    _, _, _, seq, micro = SIZES[size]
+    gpt = _gpt(size)
+    _, loss = gpt(*_tokens(micro * n_microbatches, seq))
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in gpt.named_parameters()}
+
+
+def _reference_losses(size: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The TP rank's first two losses in one process: before and after one AdamW step."""
+    _, _, _, seq, batch = SIZES[size]
+    gpt, tokens = _gpt(size), _tokens(batch, seq)
+    optimizer = torch.optim.AdamW(gpt.parameters(), lr=LR)
+    losses = []
+    for _ in range(2):
+        _, loss = gpt(*tokens)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    return tuple(losses)
+
+
+def _step_flops(size: str, tokens: int) -> float:
+    n_embd, _, n_layer, seq, _ = SIZES[size]
+    return train_flops(sum(p.numel() for p in _gpt(size).parameters()), n_layer, n_embd, seq, tokens)
 
 
 def _serve(rank: int, world_size: int, conn, kind: str, args: tuple) -> None:
@@ -114,6 +156,8 @@ def test_pipeline(bench, size, schedule, n_microbatches):
     ranks = RankPool(_serve, p, "pipeline", (size, schedule, n_microbatches), timeout_s=TIMEOUT_S)
     try:
         peaks = [reply["peak"] for reply in ranks.ready]
+        got_grads = {n: g for reply in ranks.ready for n, g in reply["grads"].items()}
+        loss, grads = _reference_grads(size, n_microbatches)
         info = bench(
             lambda: ranks.send("step"),
             variant=schedule,
@@ -121,12 +165,17 @@ def test_pipeline(bench, size, schedule, n_microbatches):
             sweep="n_microbatches",
             dtype=torch.float32,
             baseline=schedule == "gpipe",
+            flops=_step_flops(size, micro * n_microbatches * seq),
+            mfu=True,
             tokens=micro * n_microbatches * seq,
             metrics={
                 "bubble formula": round((p - 1) / (n_microbatches + p - 1), 3),
                 **{f"peak KiB stage {s}": round(peak / 1024, 1) for s, peak in enumerate(peaks)},
             },
             plot=("bubble measured", "bubble formula", "peak KiB stage 0"),
+            expected=(loss, grads),
+            output=lambda: (ranks.ready[-1]["loss"], {n: got_grads[n] for n in grads}),  # the first step's
+            device=CPU,
         )
         bubbles = [reply["bubble"] for reply in ranks.send("stats")]
         info["metrics"]["bubble measured"] = round(sum(bubbles) / len(bubbles), 3)
@@ -148,12 +197,17 @@ def test_tensor_parallel(bench, size, tp):
             sweep="tp",
             dtype=torch.float32,
             baseline=tp == 1,
+            flops=_step_flops(size, batch * seq),
+            mfu=True,
             tokens=batch * seq,
             metrics={
                 "param KiB/rank": round(rank0["params"] / 1024, 1),
                 "step peak KiB/rank": round(rank0["peak"] / 1024, 1),
             },
             plot=("param KiB/rank", "step peak KiB/rank"),
+            expected=_reference_losses(size),
+            output=lambda: rank0["losses"],  # the first two steps, before bench's own calls
+            device=CPU,
         )
         info["peak_bytes"] = rank0["peak"]
     finally:
