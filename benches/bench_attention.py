@@ -82,6 +82,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(("provider", "seq_len"), pairs)
 
 
+def _fresh_dynamo(provider: str) -> None:
+    """Compiled rows share code objects (the fixture's wrapper, naive_attention): without a reset, the ninth row
+    would hit dynamo's recompile limit (8) and silently run eagerly."""
+    if provider == COMPILED:
+        torch._dynamo.reset()
+
+
 def _batch_heads(device, seq_len, head_dim):
     if device.type == "cuda":  # enough (batch, head) programs to fill the GPU at every length
         return max(1, GPU_TOKENS // seq_len), GPU_HIDDEN // head_dim
@@ -140,6 +147,7 @@ def _fwd_bwd_peak(attn, q, k, v, grad_out):
 
 @pytest.mark.benchmark(group="attention-forward")
 def test_forward(bench, device, provider, seq_len, head_dim):
+    _fresh_dynamo(provider)
     q, k, v, grad_out = _inputs(seq_len, head_dim, device, requires_grad=False)
     attn = PROVIDERS[provider]
 
@@ -152,6 +160,7 @@ def test_forward(bench, device, provider, seq_len, head_dim):
 
 @pytest.mark.benchmark(group="attention-backward")
 def test_backward(bench, device, provider, seq_len, head_dim):
+    _fresh_dynamo(provider)
     q, k, v, grad_out = _inputs(seq_len, head_dim, device, requires_grad=True)
     expected = _reference(q, k, v, grad_out, "backward")
     attn = PROVIDERS[provider]
@@ -178,6 +187,7 @@ def test_backward(bench, device, provider, seq_len, head_dim):
 
 @pytest.mark.benchmark(group="attention-forward-backward")
 def test_forward_backward(bench, device, provider, seq_len, head_dim):
+    _fresh_dynamo(provider)
     q, k, v, grad_out = _inputs(seq_len, head_dim, device, requires_grad=True)
     attn = PROVIDERS[provider]
 

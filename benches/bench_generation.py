@@ -1,28 +1,33 @@
 """KV caching: decode latency per token against context length, prefill, and end-to-end generate().
 
 Variants, on the same weights: ours with the static cache, ours without a cache (every step reruns the whole
-sequence: the baseline), transformers with its default `DynamicCache` (the reference) and with `StaticCache`.
+sequence: the baseline), transformers with its default `DynamicCache` (the reference) and with `StaticCache`;
+for the decode step also ours replayed as a CUDA graph, ours compiled (gpt-fast's recipe: torch.compile of the
+one-token step over a static cache, mode="reduce-overhead" on CUDA, the default mode on CPU) and transformers'
+StaticCache step compiled the same way.
 
-- `generation-decode`: one decode step (one token in, its logits and argmax out) after `context` tokens are
+- `generation-decode`: one decode step (one token in, its last-position logits out) after `context` tokens are
   cached; the cache is filled outside the timed call and each call overwrites the same slot. At batch 1 the
-  step time is the per-token latency and tokens/s is its inverse. Ours records achieved bandwidth: bytes
-  read per token (every weight except the embedding table, plus the keys and values of the context) x
-  tokens/s, beside a large fp32 matrix-vector product's bandwidth measured in the same run (the roofline a
-  decode step can reach; gpt-fast reports its decode the same way).
+  step time is the per-token latency and tokens/s is its inverse. bytes = what a batch-1 step must read: every
+  weight but the embedding table (one row of it) plus the K and V of context + 1 slots (the cache's own `nbytes`
+  for context + 1 tokens: impl.generation.cache's formula), so "% of roof" is against the measured copy
+  bandwidth (the memory roof gpt-fast reports its decode against). flops = the step's matmuls and attention
+  (impl.common.roofline). L2 flushed before every call on CUDA. The CUDA-graph row is recorded as skipped on CPU.
 - `generation-prefill`: the prompt in one pass, cache allocation included; the peak memory column holds the
   cache, recorded beside the formula 2 x layers x kv_heads x head_dim x max_tokens x batch x bytes.
 - `generation-generate`: `generate()` against transformers' `generate(do_sample=False)`, batch 1, a short prompt,
   tokens/s of new tokens (the 1.5x target is recorded as a metric).
+Expected: decode and prefill rows are compared with transformers' last-position logits for the same tokens (a
+cache-free forward of the reference model); generate rows with transformers' greedy tokens, in fp32 only.
 """
 
-import functools
 import inspect
-import time
 
 import pytest
 import torch
 
-from impl.common import MemoryMeter, synchronize
+from impl.common import MemoryMeter, resolve_device, resolve_size
+from impl.common.roofline import attention_flops, gemm_flops
 from impl.generation import Llama, generate
 
 # The model per --size. small: 34.0M parameters (12.3M of them in the embedding table), fp32 on CPU.
@@ -34,31 +39,56 @@ MODELS = {
     "full": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
                  num_attention_heads=16, num_key_value_heads=4),
 }  # fmt: skip
-SWEEPS = {"context": {"smoke": [32, 64], "small": [64, 128, 256, 512, 1024], "full": [512, 1024, 2048, 4096, 8192]}}
+CONTEXTS = {"smoke": [32, 64], "small": [64, 128, 256, 512, 1024], "full": [512, 1024, 2048, 4096, 8192]}
+COMPILED_CONTEXTS = {"smoke": [32], "small": [64, 256, 1024], "full": [512, 2048, 8192]}  # compile time per row
 GENERATE = {"smoke": (8, 8), "small": (32, 32), "full": (128, 128)}  # (prompt tokens, new tokens)
-DECODE = ["ours-no-cache", "transformers-dynamic", "transformers-static", "ours-cache"]  # ours last: its metrics
-PREFILL = ["transformers-dynamic", "transformers-static", "ours-cache"]  # use the rows measured before it
-GENERATE_VARIANTS = ["transformers-dynamic", "transformers-static", "ours-cache"]
-_MEDIANS: dict[tuple, float] = {}  # (group, variant, context) -> median seconds, for the ratio metrics
+DECODE = ["ours-no-cache", "transformers-dynamic", "transformers-static", "transformers-static (compiled)",
+          "ours-cache", "ours-cache (CUDA graph)", "ours-cache (compiled)"]  # fmt: skip
+PREFILL = ["transformers-dynamic", "transformers-static", "ours-cache"]
+GENERATE_VARIANTS = ["transformers-dynamic", "transformers-static", "ours-cache"]  # ours last: its ratio metrics
+_MEDIANS: dict[str, float] = {}  # generate variant -> median seconds, for the ratio metrics
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """context per --size; the decode step's compiled variants only at COMPILED_CONTEXTS (compile time)."""
+    if "context" not in metafunc.fixturenames:
+        return
+    device = resolve_device(metafunc.config.getoption("--device"))
+    size = resolve_size(metafunc.config.getoption("--size"), device)
+    if "provider" in metafunc.fixturenames and metafunc.function.__name__ == "test_decode":
+        pairs = [
+            pytest.param(p, n, id=f"{p.replace(' ', '_')}-context={n}")
+            for p in DECODE
+            for n in CONTEXTS[size]
+            if "(compiled)" not in p or n in COMPILED_CONTEXTS[size]
+        ]
+        metafunc.parametrize(("provider", "context"), pairs)
+    else:
+        metafunc.parametrize("context", CONTEXTS[size], ids=[f"context={n}" for n in CONTEXTS[size]])
 
 
 def _dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-@functools.cache
-def _models(size: str, device_type: str):
-    """(transformers model, ours) on the same weights; built once per run."""
+@pytest.fixture(scope="module")
+def models(size: str, device: torch.device):
+    """(transformers model, ours) on the same weights; built once per module, not once per row."""
     import transformers
 
-    device = torch.device(device_type)
-    max_context = max(SWEEPS["context"][size]) + sum(GENERATE[size]) + 8
+    max_context = max(CONTEXTS[size]) + sum(GENERATE[size]) + 8
     config = transformers.LlamaConfig(
         **MODELS[size], max_position_embeddings=max_context, bos_token_id=None, eos_token_id=None, pad_token_id=None
     )
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(config).to(device, _dtype(device)).eval()
+    with torch.device(device):  # initialised on the device: no host copy of the weights
+        hf = transformers.LlamaForCausalLM(config).to(_dtype(device)).eval()
     return hf, Llama.from_hf(hf)
+
+
+def _compile_kwargs(device) -> dict:
+    """gpt-fast's recipe: CUDA graphs through inductor on CUDA; the default mode on CPU (no graphs there)."""
+    return {"mode": "reduce-overhead"} if device.type == "cuda" else {}
 
 
 def _with_cache(hf, cache) -> dict:
@@ -68,32 +98,23 @@ def _with_cache(hf, cache) -> dict:
     return {name: cache}
 
 
-@functools.cache
-def _matvec_bandwidth(device_type: str) -> float:
-    """Bytes/s of a large fp32 matrix-vector product: the memory roofline a batch-1 decode step can reach."""
-    device = torch.device(device_type)
-    rows, cols = (16384, 16384) if device.type == "cuda" else (4096, 8192)  # 1 GiB / 128 MiB: far beyond caches
-    w, x = torch.randn(rows, cols, device=device), torch.randn(cols, device=device)
-    for _ in range(3):
-        w @ x
-    synchronize(device)
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        w @ x
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return w.numel() * w.element_size() / best
-
-
-def _bytes_per_token(model: Llama, context: int) -> int:
-    """Bytes a batch-1 decode step reads: every weight but the embedding table (one row of it), plus K and V."""
-    c = model.config
+def _weight_bytes(model: Llama) -> int:
+    """Weight bytes a batch-1 decode step reads: every weight but the embedding table (one row of it)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not c.tie_word_embeddings:  # a tied table is read whole, as the lm_head
+    if not model.config.tie_word_embeddings:  # a tied table is read whole, as the lm_head
         weights -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
-    element = model.lm_head.weight.element_size()
-    return weights + 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (context + 1) * element
+    return weights
+
+
+def _step_flops(model: Llama, q_len: int, k_len: int, last_only: bool = True) -> float:
+    """FLOPs of a forward over q_len new tokens attending to k_len slots: every projection's GEMM, causal
+    attention per layer, and the lm_head for the last position (or all, without last_only)."""
+    c = model.config
+    blocks = sum(gemm_flops(q_len, w.shape[0], w.shape[1]) for name, w in model.layers.named_parameters()
+                 if name.endswith("proj.weight"))  # fmt: skip
+    attention = c.num_hidden_layers * attention_flops(1, c.num_attention_heads, q_len, k_len, c.head_dim, causal=True)
+    head = gemm_flops(1 if last_only else q_len, c.vocab_size, c.hidden_size)
+    return blocks + attention + head
 
 
 def _cache_formula(model: Llama, max_tokens: int, batch: int = 1) -> int:
@@ -119,17 +140,21 @@ def _prompt(length: int, vocab: int, device) -> torch.Tensor:
 
 
 def _decode_step(provider: str, hf, ours: Llama, ids: torch.Tensor):
-    """A callable running one decode step at position ids.shape[1] - 1, its cache filled with the rest."""
+    """A callable running one decode step at position ids.shape[1] - 1, its cache filled with the rest; it
+    returns the last position's logits (1, vocab). Every call writes the same slot: static shapes throughout."""
     import transformers
 
     context = ids.shape[1] - 1
     last, position = ids[:, -1:], torch.full((1, 1), context, device=ids.device)
     if provider == "ours-no-cache":
-        return lambda: ours(ids, last_only=True)[:, -1].argmax(-1)
-    if provider == "ours-cache":
+        return lambda: ours(ids, last_only=True)[:, -1]
+    if provider.startswith("ours-cache"):
         cache = ours.new_cache(1, context + 1)
         ours(ids[:, :-1], cache=cache)
-        return lambda: ours(last, position, cache=cache, start=context)[:, -1].argmax(-1)
+        if provider.endswith("(compiled)") and ids.is_cuda:  # fixed addresses, so inductor's CUDA graphs keep it
+            for t in cache.keys + cache.values:
+                torch._dynamo.mark_static_address(t)
+        return lambda: ours(last, position, cache=cache, start=context)[:, -1]
     if provider == "transformers-dynamic":
         cache = transformers.DynamicCache(config=hf.config)
     else:
@@ -139,9 +164,14 @@ def _decode_step(provider: str, hf, ours: Llama, ids: torch.Tensor):
     def step():
         logits = hf(last, **_with_cache(hf, cache), position_ids=position, use_cache=True, logits_to_keep=1).logits
         _drop_last(cache)  # back to `context` tokens, so the next call measures the same step
-        return logits[:, -1].argmax(-1)
+        return logits[:, -1]
 
     return step
+
+
+def _median(info: dict) -> float | None:
+    """The row's median seconds; None under --benchmark-disable (nothing timed)."""
+    return info.get("quantiles_s", {}).get("p50")
 
 
 def _drop_last(cache) -> None:
@@ -154,55 +184,58 @@ def _drop_last(cache) -> None:
             layer.cumulative_length.sub_(1)
 
 
-def _record_ratio(info: dict, key: str, group: str, other: str, context, ours_median: float) -> None:
-    theirs = _MEDIANS.get((group, other, context))
-    if theirs is not None:
-        info["metrics"][key] = theirs / ours_median
+def _record_ratio(info: dict, key: str, other: str) -> None:
+    ours, theirs = _median(info), _MEDIANS.get(other)
+    if ours is not None and theirs is not None:
+        info["metrics"][key] = theirs / ours
 
 
 @pytest.mark.benchmark(group="generation-decode")
-@pytest.mark.parametrize("provider", DECODE)
-def test_decode(bench, device, size, provider, context):
-    hf, ours = _models(size, device.type)
+def test_decode(bench, device, models, provider, context):
+    hf, ours = models
     ids = _prompt(context + 1, ours.config.vocab_size, device)
     with torch.no_grad():
+        expected = hf(ids, logits_to_keep=1).logits[:, -1]  # the reference, without a cache
         step = _decode_step(provider, hf, ours, ids)
 
     def fn():
         with torch.no_grad():
             return step()
 
-    info = bench(
+    compiled = provider.endswith("(compiled)")
+    if compiled:  # compiled rows share the fixture's wrapper code object: a ninth would hit
+        # dynamo's recompile limit (8) and silently run eagerly
+        torch._dynamo.reset()
+    no_cache = provider == "ours-no-cache"
+    kv_bytes = 0 if no_cache else ours.new_cache(1, context + 1).nbytes  # K and V of every slot the step reads
+    bench(  # speed-ups against no-cache and transformers: the report's "speed-up vs" columns
         fn,
         variant=provider,
         params={"context": context, "batch": 1, "params_M": round(sum(p.numel() for p in ours.parameters()) / 1e6, 1)},
         sweep="context",
         dtype=_dtype(device),
-        baseline=provider == "ours-no-cache",
+        baseline=no_cache,
         reference=provider == "transformers-dynamic",
+        flops=_step_flops(ours, context + 1 if no_cache else 1, context + 1),
+        bytes=_weight_bytes(ours) + kv_bytes,
         tokens=1,
         plot=("throughput",),
+        expected=expected,
+        flush_l2=True,
+        compile=_compile_kwargs(device) if compiled else False,
+        cuda_graph=provider.endswith("(CUDA graph)"),
     )
-    median = bench.benchmark.stats.stats.median
-    _MEDIANS[("decode", provider, context)] = median
-    if provider != "ours-no-cache":
-        achieved = _bytes_per_token(ours, context) / median
-        roofline = _matvec_bandwidth(device.type)
-        info["metrics"].update(
-            {"GB/s": achieved / 1e9, "matvec GB/s": roofline / 1e9, "% of matvec": 100 * achieved / roofline}
-        )
-    if provider == "ours-cache":
-        _record_ratio(info, "x no-cache", "decode", "ours-no-cache", context, median)
-        _record_ratio(info, "x transformers", "decode", "transformers-dynamic", context, median)
 
 
 @pytest.mark.benchmark(group="generation-prefill")
 @pytest.mark.parametrize("provider", PREFILL)
-def test_prefill(bench, device, size, provider, context):
+def test_prefill(bench, device, models, provider, context):
     import transformers
 
-    hf, ours = _models(size, device.type)
+    hf, ours = models
     ids = _prompt(context, ours.config.vocab_size, device)
+    with torch.no_grad():
+        expected = hf(ids, logits_to_keep=1).logits  # (1, 1, vocab), the reference without a cache
 
     def fn():
         with torch.no_grad():
@@ -221,17 +254,25 @@ def test_prefill(bench, device, size, provider, context):
         sweep="context",
         dtype=_dtype(device),
         reference=provider == "transformers-dynamic",
+        flops=_step_flops(ours, context, context),
         tokens=context,
         metrics=_cache_metrics(ours, context + 1) if provider == "ours-cache" else None,
+        expected=expected,
     )
 
 
 @pytest.mark.benchmark(group="generation-generate")
 @pytest.mark.parametrize("provider", GENERATE_VARIANTS)
-def test_generate(bench, device, size, provider):
-    hf, ours = _models(size, device.type)
+def test_generate(bench, device, size, models, provider):
+    hf, ours = models
     prompt_len, new_tokens = GENERATE[size]
     ids = _prompt(prompt_len, ours.config.vocab_size, device)
+    expected = None
+    if device.type == "cpu":
+        # Greedy tokens are compared in fp32 only: in bf16 a random-init model's near-tied logits let two correct
+        # implementations pick different tokens, after which the continuations share nothing (the decode and
+        # prefill rows check the logits themselves on every device).
+        expected = hf.generate(ids, max_new_tokens=new_tokens, do_sample=False, disable_compile=True)
     if provider == "ours-cache":
 
         def fn():
@@ -250,9 +291,9 @@ def test_generate(bench, device, size, provider):
         dtype=_dtype(device),
         reference=provider == "transformers-dynamic",
         tokens=new_tokens,
+        expected=expected,
     )
-    median = bench.benchmark.stats.stats.median
-    _MEDIANS[("generate", provider, None)] = median
+    _MEDIANS[provider] = _median(info)
     if provider == "ours-cache":
-        _record_ratio(info, "x transformers", "generate", "transformers-dynamic", None, median)
-        _record_ratio(info, "x transformers-static", "generate", "transformers-static", None, median)
+        _record_ratio(info, "x transformers", "transformers-dynamic")
+        _record_ratio(info, "x transformers-static", "transformers-static")
