@@ -255,6 +255,9 @@ class Bench:
 
 
 def _compiled(call: Callable[[], object], kwargs: dict) -> Callable[[], object]:
+    # Every row compiles a new closure of the same code; without a reset Dynamo's recompile limit (8) is reached
+    # after a few rows, and later "compiled" rows would silently run eagerly.
+    torch._dynamo.reset()
     return torch.compile(call, **kwargs)
 
 
