@@ -13,6 +13,12 @@ documents with FFD.
 
 Deduplication throughput (documents/s) on the speeches: exact (normalized hash), MinHash-LSH near-duplicates,
 and the naive baseline that computes the exact n-gram Jaccard of every pair (quadratic, so small sizes only).
+
+Error columns: with the document mask and per-document positions, every layout must give the same loss and
+gradients as running the GPT on each document alone (one pad row at a time, plain causal forward): each packing
+row compares its (loss, gradients) with that. A histogram row checks that packing kept the bucket's tokens
+(sorted, exactly); the exact-dedup row that it keeps the first of each group of equal normalized texts, as a
+dict does. Packing and dedup run on the CPU, and those rows say so; the training steps run on the device.
 """
 
 import itertools
@@ -38,6 +44,8 @@ STRATEGIES = ("pad", "greedy", "ffd")
 BUCKETS = [2**k for k in range(3, 13)]  # upper edges: (0, 8], (8, 16], ..., (2048, 4096]
 ALL_PAIRS_MAX_DOCS = 600  # the quadratic baseline runs only up to here
 NGRAM, THRESHOLD = 5, 0.8
+CPU = torch.device("cpu")
+EXACT = {"atol": 0.0, "rtol": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +78,20 @@ def _packing(bench, device, size, corpora, dist, strategy, seq_len):
     corpus_packed = pack_documents(docs, seq_len, strategy, long_docs="split")
     labels = next_token_labels(batch).to(device)
     ids, pos, doc = (t.to(device) for t in batch)
+    torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=seq_len, vocab_size=65, n_layer=2, n_head=2, n_embd=64)).to(device)
 
-    def step():
+    def loss_fn():
         logits = gpt_packed_forward(model, ids, pos, doc, method="sdpa")  # (rows, seq_len, vocab)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-        loss.backward()
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+    def step():
+        loss_fn().backward()
         model.zero_grad(set_to_none=True)
 
     real = int((batch.document_ids >= 0).sum())
+    padded = pack_documents(_sample(docs, TOKEN_BUDGET[size]), seq_len, "pad", long_docs="split")
+    expected = _loss_and_grads(model, lambda: _one_document_at_a_time(model, padded, device))
     bench(
         step,
         variant=strategy,
@@ -94,7 +107,28 @@ def _packing(bench, device, size, corpora, dist, strategy, seq_len):
             "rows (corpus)": corpus_packed.input_ids.shape[0],
         },
         plot=("throughput", "padding %"),
+        expected=expected,
+        output=lambda: _loss_and_grads(model, loss_fn),
     )
+
+
+def _one_document_at_a_time(model, padded, device) -> torch.Tensor:
+    """The reference loss: the plain causal GPT on each document (one per pad row) alone, mean over targets."""
+    total, count = 0.0, 0
+    for ids, doc in zip(padded.input_ids, padded.document_ids):
+        ids = ids[doc >= 0].to(device)[None]  # (1, n): the document, without its padding
+        logits, _ = model(ids)
+        total = total + F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+        count += ids.shape[1] - 1
+    return total / count
+
+
+def _loss_and_grads(model, loss_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss = loss_fn()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
 
 
 @pytest.mark.benchmark(group="data-packing-shakespeare")
@@ -116,8 +150,18 @@ def test_length_histogram(bench, corpora, dist, length_bucket):
     docs = corpora[dist]
     lower = 0 if length_bucket == BUCKETS[0] else length_bucket // 2
     members = [d for d in docs if lower < len(d) <= length_bucket]
+    packed = [None]
+
+    def pack():
+        packed[0] = pack_documents(members, BUCKETS[-1], "ffd") if members else None
+        return packed[0]
+
+    def kept_tokens() -> torch.Tensor:
+        p = packed[0]
+        return p.input_ids[p.document_ids >= 0].sort().values if p is not None else torch.zeros(0, dtype=torch.long)
+
     bench(
-        lambda: pack_documents(members, BUCKETS[-1], "ffd") if members else None,
+        pack,
         variant=dist,
         params={"length_bucket": length_bucket},
         sweep="length_bucket",
@@ -125,6 +169,10 @@ def test_length_histogram(bench, corpora, dist, length_bucket):
         items_unit="docs/s",
         metrics={"count": len(members), "share %": 100 * len(members) / len(docs)},
         plot=("count",),
+        expected=torch.tensor([t for d in members for t in d], dtype=torch.long).sort().values,
+        output=kept_tokens,
+        tol=EXACT,
+        device=CPU,
     )
 
 
@@ -137,6 +185,14 @@ def _all_pairs(docs: list[str]) -> Dedup:
 
 def _jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b)
+
+
+def _first_of_each_text(docs: list[str]) -> list[int]:
+    """Exact dedup's reference: the index of the first document of each normalized text."""
+    first = {}
+    for i, text in enumerate(docs):
+        first.setdefault(normalize(text), i)
+    return sorted(first.values())
 
 
 DEDUP = {
@@ -162,4 +218,8 @@ def test_dedup(bench, speeches, method, n_docs):
         items=len(docs),
         items_unit="docs/s",
         metrics={"removed": len(docs) - len(result.kept), "clusters": len(result.clusters)},
+        expected=torch.tensor(_first_of_each_text(docs)) if method == "exact" else None,
+        output=(lambda: torch.tensor(result.kept)) if method == "exact" else None,
+        tol=EXACT,
+        device=CPU,
     )
