@@ -1,7 +1,7 @@
 """The main job: run the benchmarks on the available device, then render the report.
 
     python -m impl bench [--size smoke|small|full] [--device auto|cpu|cuda] [--out reports] [-k EXPR]
-                         [--budget-s SECONDS]
+                         [--budget-s SECONDS] [--compare BASE.json]
 
 Measures the device's roofs once (a large GEMM per dtype, a large copy), then runs each benchmark module
 (a group of related benchmarks) in its own pytest process, in priority order: attention, generation, finetune,
@@ -12,7 +12,8 @@ report header lists it with the reason; a group still running when the budget en
 Writes `<out>/bench-<device>-<size>.json` (pytest-benchmark's schema plus our run record: roofs, group times,
 failed and skipped rows) and renders every `bench-*.json` in `<out>` (a CPU run and a GPU run side by side) into
 `<out>/README.md`, failures included. A run of some benchmarks (-k) replaces those in the JSON and keeps the rest.
-The exit code is 1 when a benchmark failed, after the report is written.
+The exit code is 1 when a benchmark failed, after the report is written. With --compare BASE.json the run is also
+compared with BASE (`python -m impl compare`): `<out>/compare.md`, linked from a "Drift against" section.
 """
 
 import argparse
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", dest="keyword", default=None, help="only benchmarks matching this pytest -k expression")
     parser.add_argument("--budget-s", type=_budget, default=None,
                         help="wall-clock seconds for the benchmarks; groups that do not fit are skipped and listed")
+    parser.add_argument("--compare", metavar="BASE.json", default=None,
+                        help="also compare this run with BASE.json into <out>/compare.md (python -m impl compare)")
     parser.add_argument("--benches", default=str(ROOT / "benches"), help=argparse.SUPPRESS)
     parser.add_argument("pytest_args", nargs="*", help="passed on to pytest (after --)")
     args = parser.parse_args(argv)
@@ -89,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from impl.report import ReportError, load_run, render
 
+    if args.compare:  # a bad base file is an error before the benchmarks run, not after
+        try:
+            load_run(args.compare)
+        except ReportError as err:
+            print(f"error: --compare: {err}", file=sys.stderr)
+            return 2
     device = resolve_device(args.device)
     size = resolve_size(args.size, device)
     out = Path(args.out)
@@ -152,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = [load_run(p) for p in sorted(out.glob("bench-*.json"))]
         path = render(runs, out)
+        if args.compare:
+            from impl.report.compare import append_drift, summary
+
+            print(f"drift against {args.compare}: {summary(append_drift(path, args.compare, json_path))}")
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
