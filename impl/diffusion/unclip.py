@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         from PIL import Image
 
         args.out.mkdir(parents=True, exist_ok=True)
-        rows = torch.cat([inputs[:, None], varied.view(10, 8, 1, 8, 8)], dim=1)  # input, then its 8 variations
+        rows = torch.cat([inputs[:, None], varied.view(10, 8, 1, 8, 8).cpu()], dim=1)  # input (CPU), its 8 variations
         grids = {"grid_samples": image_grid(images, rows=10), "grid_variations": image_grid(rows.flatten(0, 1), 10)}
         for name, grid in grids.items():
             Image.fromarray((grid[0] * 255).round().byte().numpy()).save(args.out / f"{name}.png")

@@ -24,6 +24,10 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 STAGES = (0, 1, 2, 3)
+# The flat-tensor collectives under their current names (torch 2.13, which deprecates the old ones) or the
+# long-standing ones (torch 2.11 on the GPU image has only these): same arguments, same behaviour, gloo included.
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class _Comm:
@@ -44,12 +48,12 @@ class _Comm:
 
     def reduce_scatter_mean(self, full: torch.Tensor) -> torch.Tensor:
         shard = full.new_empty(full.numel() // self.world_size)
-        dist.reduce_scatter_single(shard, full, op=dist.ReduceOp.AVG, group=self.group)
+        _reduce_scatter_flat(shard, full, op=dist.ReduceOp.AVG, group=self.group)
         self.bytes_moved += full.numel() * full.element_size()
         return shard
 
     def all_gather(self, full: torch.Tensor, shard: torch.Tensor) -> None:
-        dist.all_gather_single(full, shard, group=self.group)
+        _all_gather_flat(full, shard, group=self.group)
         self.bytes_moved += full.numel() * full.element_size()
 
 
