@@ -3,7 +3,7 @@
 Dao, "FlashAttention-2" (2023). The forward saves O and the base-2 logsumexp; the backward computes
 D = rowsum(dO * O), then dK/dV with one program per k block and dQ with one program per q block (two passes,
 no atomics, so the result is deterministic). Grouped-query attention: each q head writes its own dK/dV, summed
-over the heads of its group afterwards.
+over the heads of its group afterwards. Tiles and warps come from `TritonConfig.default(head_dim, dtype)`.
 
 The kernels are compiled for CUDA tensors; CPU tensors run through Triton's interpreter, which needs
 TRITON_INTERPRET=1 in the environment before the kernels are first used (they are imported on first call).
@@ -15,28 +15,48 @@ import torch
 
 from impl.attention._checks import check_qkv
 
+DELTA_ROWS = 64  # rows of O and dO per program of the D = rowsum(dO * O) kernel
+_BLOCK_FIELDS = ("block_m", "block_n", "bwd_block_m", "bwd_block_n", "dq_block_m", "dq_block_n")
+
 
 @dataclass(frozen=True)
 class TritonConfig:
-    block_m: int = 128  # forward / dQ: q rows per program
-    block_n: int = 64  # forward / dQ: keys per inner step
+    block_m: int = 128  # forward: q rows per program
+    block_n: int = 64  # forward: keys per inner step (divides block_m, so the causal diagonal starts on a step)
     bwd_block_m: int = 32  # dK/dV: q rows per inner step
-    bwd_block_n: int = 128  # dK/dV: keys per program
-    num_warps: int = 4  # 8 is used for head_dim > 64
-    num_stages: int = 3  # software pipelining depth (ignored by the interpreter)
+    bwd_block_n: int = 128  # dK/dV: keys per program (a multiple of bwd_block_m)
+    dq_block_m: int = 128  # dQ: q rows per program
+    dq_block_n: int = 32  # dQ: keys per inner step (divides dq_block_m)
+    num_warps: int = 4  # forward
+    bwd_num_warps: int = 4  # dK/dV and dQ
+    num_stages: int = 3  # software pipelining depth of every inner loop (ignored by the interpreter)
 
     @classmethod
-    def default(cls, dtype: torch.dtype) -> "TritonConfig":
-        """fp32 tiles take twice the shared memory: halve them, and pipeline less (fits 228 KiB at head_dim 128)."""
+    def default(cls, head_dim: int, dtype: torch.dtype) -> "TritonConfig":
+        """Tiles for Hopper (sm_90) at this (head_dim, dtype).
+
+        fp16/bf16: every matmul has 128 rows in its first dimension (forward and dQ: 128 q rows; dK/dV: 128 keys,
+        transposed), two m64 warp-group MMAs, with short 32- or 64-wide inner steps so that P, dS and the
+        pipelined k/v (or q/dO) tiles stay small; as in the Triton tutorial 06. Eight warps above head_dim 64
+        keep the fp32 accumulators at 64 registers a thread each (dK and dV: 2 x 128 x 128 floats).
+        fp32: tiles take twice the bytes and the dots run on FMA units: halve them, pipeline two deep.
+        """
+        warps = 4 if head_dim <= 64 else 8
         if dtype == torch.float32:
-            return cls(block_m=64, block_n=32, bwd_block_m=32, bwd_block_n=64, num_stages=2)
-        return cls()
+            return cls(64, 32, 32, 64, 64, 32, num_warps=warps, bwd_num_warps=warps, num_stages=2)
+        return cls(num_warps=warps, bwd_num_warps=warps)
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "bwd_block_m", "bwd_block_n"):
+        for name in _BLOCK_FIELDS:
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {value}")
+        for outer, inner in (("block_m", "block_n"), ("bwd_block_n", "bwd_block_m"), ("dq_block_m", "dq_block_n")):
+            if getattr(self, outer) < getattr(self, inner):
+                raise ValueError(
+                    f"{outer} must be >= {inner} (the causal diagonal must start on a step), "
+                    f"got {getattr(self, outer)} < {getattr(self, inner)}"
+                )
 
 
 def _kernels():
@@ -53,8 +73,8 @@ def _launch_args(q, k, causal):
         GROUP=hq // k.shape[1],
         n_q=n,
         n_k=k.shape[2],
-        head_dim=d,
         CAUSAL=causal,
+        HEAD_DIM=d,
         BLOCK_D=max(16, 1 << (d - 1).bit_length()),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs get fp32 dots, not TF32
     )
@@ -64,15 +84,13 @@ class _FlashAttentionTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, config):
         kern = _kernels()
-        b, hq, n, d = q.shape
-        args = _launch_args(q, k, causal)
-        warps = dict(num_warps=config.num_warps if d <= 64 else 2 * config.num_warps, num_stages=config.num_stages)
+        b, hq, n, _ = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)  # base-2 logsumexp of scaled scores
-        grid = (_cdiv(n, config.block_m), b * hq)
-        kern.flash_fwd_kernel[grid](
-            q, k, v, out, lse, scale * kern.LOG2E, **args, BLOCK_M=config.block_m, BLOCK_N=config.block_n, **warps
-        )
+        kern.flash_fwd_kernel[(_cdiv(n, config.block_m), b * hq)](
+            q, k, v, out, lse, scale * kern.LOG2E, **_launch_args(q, k, causal),
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.scale, ctx.config = causal, scale, config
         return out
@@ -85,9 +103,12 @@ class _FlashAttentionTriton(torch.autograd.Function):
         b, hq, n, d = q.shape
         hkv, n_k = k.shape[1], k.shape[2]
         args = _launch_args(q, k, ctx.causal)
-        warps = dict(num_warps=config.num_warps if d <= 64 else 2 * config.num_warps, num_stages=config.num_stages)
+        warps = dict(num_warps=config.bwd_num_warps, num_stages=config.num_stages)
         do = grad_out.contiguous()
-        delta = (do.float() * out.float()).sum(-1)  # D_i = rowsum(dO * O), (B, Hq, N)
+        delta = torch.empty_like(lse)  # D_i = rowsum(dO * O), (B, Hq, N)
+        kern.flash_bwd_delta_kernel[(_cdiv(b * hq * n, DELTA_ROWS),)](
+            out, do, delta, b * hq * n, HEAD_DIM=d, BLOCK_D=args["BLOCK_D"], BLOCK=DELTA_ROWS
+        )
         dq = torch.empty_like(q)
         # One dK/dV per q head; with GQA they are summed over the group below, so keep them in fp32.
         dkv_dtype = k.dtype if hq == hkv else torch.float32
@@ -98,9 +119,10 @@ class _FlashAttentionTriton(torch.autograd.Function):
             *common, dk, dv, scale, scale * kern.LOG2E, **args,
             BLOCK_M=config.bwd_block_m, BLOCK_N=config.bwd_block_n, **warps,
         )  # fmt: skip
-        kern.flash_bwd_dq_kernel[(_cdiv(n, config.block_m), b * hq)](
-            *common, dq, scale, scale * kern.LOG2E, **args, BLOCK_M=config.block_m, BLOCK_N=config.block_n, **warps
-        )
+        kern.flash_bwd_dq_kernel[(_cdiv(n, config.dq_block_m), b * hq)](
+            *common, dq, scale, scale * kern.LOG2E, **args,
+            BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, **warps,
+        )  # fmt: skip
         if hq != hkv:
             dk = dk.view(b, hkv, hq // hkv, n_k, d).sum(2).to(k.dtype)  # (B, Hkv, Nk, D)
             dv = dv.view(b, hkv, hq // hkv, n_k, d).sum(2).to(v.dtype)
@@ -139,5 +161,5 @@ def flash_attention_triton(
             f"them on CPU; got device {q.device} without the interpreter"
         )
     if config is None:
-        config = TritonConfig.default(q.dtype)
+        config = TritonConfig.default(q.shape[-1], q.dtype)
     return _FlashAttentionTriton.apply(q.contiguous(), k.contiguous(), v.contiguous(), causal, scale, config)
