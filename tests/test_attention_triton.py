@@ -80,14 +80,15 @@ def forward_backward(fn, q, k, v, grad_out, **kwargs):
     return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
 
 
-# CPU SDPA multiplies P V with P in fp32, where FlashAttention-2 (ours, and SDPA's flash kernel on CUDA) rounds P
-# to fp16/bf16 first: about one more rounding of the output, so the CPU reference's error is half of ours (bf16:
-# 3.3e-3 vs 7.2e-3 at head_dim 64). The GPU test, against SDPA's flash kernel, keeps the default factor of 2.
-CPU_SDPA_FACTOR = 3.0
+# CPU SDPA keeps P and dS in fp32 for its matmuls, where FlashAttention-2 (ours, and SDPA's flash kernel on CUDA)
+# rounds them to fp16/bf16 first: one more rounding per product, so the CPU reference's error is smaller than ours.
+# Worst measured ratio of our error to its error over these cases: bf16 3.0 (dK), fp16 1.7 (dQ). The GPU test,
+# against SDPA's flash kernel, keeps the default factor of 2.
+CPU_SDPA_FACTOR = 4.0
 
 
 def check_against_references(q, k, v, grad_out, causal, config, ours_fn=flash_attention_triton):
-    """Ours against naive attention (fp32: directly; fp16/bf16: within 3x SDPA's own error from fp64)."""
+    """Ours against naive attention (fp32: directly; fp16/bf16: within 4x SDPA's own error from fp64)."""
     ours = forward_backward(ours_fn, q, k, v, grad_out, causal=causal, config=config)
     truth_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
     truth = forward_backward(naive_attention, *truth_inputs, grad_out.double(), causal=causal)
@@ -143,7 +144,7 @@ def test_negative_control_a_perturbed_value_breaks_the_match():
 
 
 def test_negative_control_a_perturbed_key_fails_the_low_precision_check():
-    """The bf16 rule (3x SDPA's error) is not vacuous: ours fed one key row moved by 5% fails it."""
+    """The bf16 rule (4x SDPA's error) is not vacuous: ours fed one key row moved by 5% fails it."""
     q, k, v = make_qkv((1, 2, 2, 45, 45), 64, torch.bfloat16)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(q.dtype)
     shift = torch.zeros_like(k)
@@ -152,7 +153,7 @@ def test_negative_control_a_perturbed_key_fails_the_low_precision_check():
     def ours_moved(q, k, v, **kwargs):
         return flash_attention_triton(q, k + shift, v, **kwargs)
 
-    with pytest.raises(AssertionError, match="more than 3.0 x the reference's own error"):
+    with pytest.raises(AssertionError, match="more than 4.0 x the reference's own error"):
         check_against_references(q, k, v, grad_out, False, SMALL_BLOCKS, ours_fn=ours_moved)
 
 

@@ -7,7 +7,7 @@ dtype), an int argument equal to 1 (GROUP without GQA) folded into a constant, i
 (lengths 1024..16384) marked so, pointers 16-byte aligned. Every dtype x head_dim 64/128 x causal is compiled
 with GQA at an odd length (the general code path), bf16 also as the benchmark launches it (MHA, length a multiple
 of 16), and a padded head_dim (80) as in test_attention_triton_gpu.py. All compile in one fresh process without
-TRITON_INTERPRET (this session sets it for the interpreter tests), two at a time: about a minute on 2 cores.
+TRITON_INTERPRET (this session sets it for the interpreter tests), two at a time: a minute or two on 2 cores.
 """
 
 import importlib.util
