@@ -2,11 +2,9 @@
 AutoencoderKL, CLIPTextModel, a byte-level CLIP vocabulary written here), same seed and settings, fp32; the UNet
 runs int(steps x strength) times; a strength leaving no step is refused; bad input gets a clear error."""
 
-import diffusers
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 
 from impl.common import tolerance
@@ -19,7 +17,13 @@ PROMPTS = ["a red square", "a blue circle"]
 
 
 @pytest.fixture(scope="module")
-def components(tmp_path_factory):
+def diffusers():
+    """Every test here needs diffusers: our loop runs on its UNet and VAE, the reference is its pipeline."""
+    return pytest.importorskip("diffusers", reason="img2img runs on diffusers' UNet2DConditionModel and AutoencoderKL")
+
+
+@pytest.fixture(scope="module")
+def components(diffusers, tmp_path_factory):
     return tiny_components(tmp_path_factory.mktemp("clip-vocab"))
 
 
@@ -29,6 +33,8 @@ def image():
 
 
 def _pipeline(components, scheduler):
+    from diffusers import StableDiffusionImg2ImgPipeline  # the callers' fixtures have checked it is installed
+
     pipe = StableDiffusionImg2ImgPipeline(
         **components, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
@@ -49,7 +55,7 @@ def _ours(components, scheduler, image, prompt, seed=0, **kwargs):
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 5.0], ids=["no-guidance", "guidance"])
 @pytest.mark.parametrize("strength", [0.3, 0.7, 1.0])
-def test_equals_the_diffusers_pipeline(components, image, strength, guidance_scale):
+def test_equals_the_diffusers_pipeline(diffusers, components, image, strength, guidance_scale):
     settings = {"strength": strength, "num_inference_steps": 6, "guidance_scale": guidance_scale}
     want = _reference(components, diffusers.DDIMScheduler(**STABLE_DIFFUSION_SCHEDULE), image, PROMPTS, **settings)
     got = _ours(components, DDIMScheduler(**STABLE_DIFFUSION_SCHEDULE), image, PROMPTS, **settings)
@@ -58,7 +64,7 @@ def test_equals_the_diffusers_pipeline(components, image, strength, guidance_sca
 
 
 @pytest.mark.parametrize("ours_scheduler", [False, True], ids=["diffusers-ddpm", "our-ddpm"])
-def test_stochastic_sampler_and_negative_prompt_equal_the_pipeline(components, image, ours_scheduler):
+def test_stochastic_sampler_and_negative_prompt_equal_the_pipeline(diffusers, components, image, ours_scheduler):
     """DDPM draws noise at every step from the generator: ours and diffusers' draw in the same order."""
     settings = {"strength": 0.8, "num_inference_steps": 5, "guidance_scale": 4.0, "negative_prompt": ["ugly", "dull"]}
     # steps_offset=1 and clip_sample=False: the pipeline's constructor rewrites any other value to these
@@ -81,7 +87,7 @@ def test_unet_runs_int_steps_times_strength(components, image, steps, strength, 
     assert seen == [4] * calls  # int(steps x strength) calls, each on the doubled (uncond + cond) batch of 2
 
 
-def test_a_strength_leaving_no_step_is_refused_like_diffusers(components, image):
+def test_a_strength_leaving_no_step_is_refused_like_diffusers(diffusers, components, image):
     with pytest.raises(Exception):  # noqa: B017 - diffusers fails inside, on an empty timestep list
         _reference(components, diffusers.DDIMScheduler(), image, PROMPTS, strength=0.1, num_inference_steps=5)
     with pytest.raises(ValueError, match=r"strength=0.1 with num_inference_steps=5 leaves no denoising step"):
@@ -139,7 +145,7 @@ def test_bad_input_raises_clear_errors(components, image):
         run(output_type="np")
 
 
-def test_cli_writes_a_png_with_tiny_models(tmp_path):
+def test_cli_writes_a_png_with_tiny_models(diffusers, tmp_path):
     source = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(source)
     out = tmp_path / "out" / "edited.png"

@@ -4,12 +4,8 @@ context keys/values of GLIDE and of diffusers' unCLIP UNet), its timestep embedd
 training loss and the sampling loop equal the same steps written with diffusers' schedulers; the digit judge
 knows real digits."""
 
-import diffusers
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor, AttnProcessor
-from diffusers.models.embeddings import get_timestep_embedding
-from diffusers.models.resnet import ResnetBlock2D
 
 from impl.common import tolerance
 from impl.diffusion.digits import DigitJudge, image_grid
@@ -17,6 +13,12 @@ from impl.diffusion.loops import denoise, diffusion_loss, fit, make_scheduler
 from impl.diffusion.unet import AttentionBlock, ResBlock, UNet, UNetConfig, timestep_embedding
 
 CONFIG = UNetConfig(channels=16, emb_dim=32, context_dim=24, heads=4, groups=4)
+
+
+@pytest.fixture
+def diffusers():
+    """diffusers, imported by the tests that compare with it: without it they skip and the rest still run."""
+    return pytest.importorskip("diffusers", reason="the reference blocks and schedulers are diffusers'")
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -28,7 +30,9 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
 
 
 @pytest.mark.parametrize("c_in,c_out", [(16, 16), (16, 32)], ids=["same", "wider"])
-def test_res_block_equals_diffusers_scale_shift_resnet(c_in, c_out):
+def test_res_block_equals_diffusers_scale_shift_resnet(diffusers, c_in, c_out):
+    from diffusers.models.resnet import ResnetBlock2D
+
     ours = ResBlock(c_in, c_out, CONFIG)
     _randomize(ours, 0)
     ref = ResnetBlock2D(in_channels=c_in, out_channels=c_out, temb_channels=CONFIG.emb_dim, groups=CONFIG.groups,
@@ -44,8 +48,10 @@ def test_res_block_equals_diffusers_scale_shift_resnet(c_in, c_out):
     assert not torch.allclose(ours(x, emb), ref(x, emb), atol=1e-3)
 
 
-def _diffusers_attention(ours: AttentionBlock, with_context: bool) -> Attention:
+def _diffusers_attention(ours: AttentionBlock, with_context: bool):
     """diffusers' Attention holding our block's weights: with the added-KV processor for context, else the plain one."""
+    from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor, AttnProcessor
+
     C, heads = ours.qkv.in_features, ours.heads
     kw = (
         dict(added_kv_proj_dim=CONFIG.context_dim, processor=AttnAddedKVProcessor())
@@ -67,7 +73,7 @@ def _diffusers_attention(ours: AttentionBlock, with_context: bool) -> Attention:
 
 
 @pytest.mark.parametrize("with_context", [True, False], ids=["context", "self-only"])
-def test_attention_block_equals_diffusers_attention(with_context):
+def test_attention_block_equals_diffusers_attention(diffusers, with_context):
     ours = AttentionBlock(32, CONFIG)
     _randomize(ours, 1)
     ref = _diffusers_attention(ours, with_context)
@@ -81,7 +87,9 @@ def test_attention_block_equals_diffusers_attention(with_context):
         assert not torch.allclose(ours(x, None), ref(x), atol=1e-3)
 
 
-def test_timestep_embedding_equals_diffusers():
+def test_timestep_embedding_equals_diffusers(diffusers):
+    from diffusers.models.embeddings import get_timestep_embedding
+
     t = torch.tensor([0, 1, 17, 999])
     ref = get_timestep_embedding(t, 32, flip_sin_to_cos=True, downscale_freq_shift=0)
     torch.testing.assert_close(timestep_embedding(t, 32), ref, **tolerance(torch.float32))
@@ -112,7 +120,7 @@ def test_unet_conditions_on_cond_and_context_and_checks_shapes():
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
-def test_diffusion_loss_equals_the_target_built_with_diffusers(prediction_type):
+def test_diffusion_loss_equals_the_target_built_with_diffusers(diffusers, prediction_type):
     scheduler = make_scheduler("ddpm", beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type)
     ref = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type)
     x0 = torch.rand(6, 1, 8, 8) * 2 - 1
@@ -133,7 +141,7 @@ def test_diffusion_loss_equals_the_target_built_with_diffusers(prediction_type):
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-def test_denoise_equals_a_loop_over_diffusers_schedulers(sampler):
+def test_denoise_equals_a_loop_over_diffusers_schedulers(diffusers, sampler):
     weight = torch.randn(64, 64, generator=torch.Generator().manual_seed(4)) * 0.05
 
     def model_fn(x, t):  # any deterministic function of (x, t) will do

@@ -28,8 +28,7 @@ def _llama(hidden=64, layers=2):
 
 
 def _bnb_linear(linear, compute_dtype, double_quant):
-    import bitsandbytes as bnb
-
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 reference; it is not installed")
     ref = bnb.nn.Linear4bit(
         linear.in_features,
         linear.out_features,
@@ -133,9 +132,8 @@ def test_apply_qlora_twice_and_bad_target():
 
 
 def test_qlora_model_matches_peft_on_bitsandbytes():
-    import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model
-
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 reference; it is not installed")
+    peft = pytest.importorskip("peft", reason="peft is the LoRA reference; it is not installed")
     reference = _llama()
     for name, module in list(reference.named_modules()):
         if isinstance(module, nn.Linear) and name != "lm_head":
@@ -145,7 +143,7 @@ def test_qlora_model_matches_peft_on_bitsandbytes():
             q.load_state_dict(module.state_dict())
             parent, _, leaf = name.rpartition(".")
             setattr(reference.get_submodule(parent), leaf, q.to("cpu"))
-    reference = get_peft_model(reference, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)).train()
+    reference = peft.get_peft_model(reference, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)).train()
     ours = apply_qlora(_llama(), TARGETS, r=4, alpha=8, compute_dtype=torch.float32).train()
     g = torch.Generator().manual_seed(2)
     theirs = {n.removeprefix("base_model.model.").replace(".default", ""): p for n, p in reference.named_parameters()}

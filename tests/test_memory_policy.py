@@ -55,6 +55,13 @@ class TinyGPT(nn.Module):
         return F.cross_entropy(self.head(self.ln_f(x)).flatten(0, 1), idx.flatten())
 
 
+def _transformers_checkpointing(model, action: str, *args) -> None:
+    """transformers' own checkpointing, `action` "enable" or "disable": activation_checkpointing_* in transformers
+    5.24 (which deprecates the old names), only gradient_checkpointing_* in 5.17 (the GPU image)."""
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{prefix}_checkpointing_{action}")(*args)
+
+
 def _tiny_llama(n_layer: int = 4):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -151,9 +158,9 @@ def test_eval_and_no_grad_are_untouched(gpt, idx):
 def test_llama_policies_equal_plain_and_transformers_checkpointing(policy, k, idx):
     model = _tiny_llama()
     plain = _step(model, idx, _llama_loss)
-    model.activation_checkpointing_enable()  # the reference: transformers' (gradient_checkpointing_enable)
+    _transformers_checkpointing(model, "enable")  # the reference: transformers' own
     reference = _step(model, idx, _llama_loss)
-    model.activation_checkpointing_disable()
+    _transformers_checkpointing(model, "disable")
     ours = _step(apply_checkpointing(model, policy, k=k), idx, _llama_loss)
     _assert_bitwise(reference, plain)
     _assert_bitwise(ours, plain)
@@ -189,7 +196,7 @@ def test_lora_parameters_all_get_gradients(idx):
     # layer input, so no LoRA parameter is reached (here not even the loss needs grad) unless
     # enable_input_require_grads() is on; transformers now turns it on with checkpointing, we turn it off.
     apply_checkpointing(model, "none")
-    model.activation_checkpointing_enable({"use_reentrant": True})
+    _transformers_checkpointing(model, "enable", {"use_reentrant": True})
     model.disable_input_require_grads()
     with warnings.catch_warnings(), pytest.raises(RuntimeError, match="does not require grad"):
         warnings.simplefilter("ignore")  # torch warns that no input requires grad: that is the pitfall
@@ -262,7 +269,7 @@ def test_bad_input(gpt):
 
 def test_refuses_to_stack_on_transformers_checkpointing():
     model = _tiny_llama(2)
-    model.activation_checkpointing_enable()
+    _transformers_checkpointing(model, "enable")
     with pytest.raises(ValueError, match="gradient checkpointing is already on"):
         apply_checkpointing(model, "every")
 
