@@ -11,7 +11,7 @@ import sys
 ENTRY_POINTS: dict[str, tuple[str, str]] = {
     "bench": ("impl.bench", "run the benchmarks on the available device, then render the report (the main job)"),
     "report": ("impl.report.__main__", "render pytest-benchmark JSON files into a markdown report with plots"),
-    "compare": ("impl.report.compare", "compare two benchmark runs (time, ratios, memory, errors); a regression guard"),
+    "compare": ("impl.report.drift", "compare two benchmark runs (time, ratios, memory, errors); a regression guard"),
     "train": ("impl.gpt.train", "train the char-level GPT on Shakespeare (presets cpu / gpu), with checkpoints"),
     "sample": ("impl.gpt.sample", "write text from a GPT checkpoint"),
     "train-zero": ("impl.distributed.train_zero", "train a small MLP with ZeRO stage 0-3 on N ranks; bytes vs formula"),

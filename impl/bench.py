@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [load_run(p) for p in sorted(out.glob("bench-*.json"))]
         path = render(runs, out)
         if args.compare:
-            from impl.report.compare import append_drift, summary
+            from impl.report.drift import append_drift, summary
 
             print(f"drift against {args.compare}: {summary(append_drift(path, args.compare, json_path))}")
     except ReportError as err:

@@ -3,6 +3,7 @@ and the guidance formula spelled out; CLIP guidance moves eps along the finite-d
 similarity; training is repeatable under a seed; a short real training draws the requested digits; bad input gets
 a clear error. (The default model's accuracy against the issue's 80% target is measured by benches/bench_glide.py.)"""
 
+import copy
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from impl.clip import CLIP
 from impl.clip.model import CLIPConfig
-from impl.common import tolerance
+from impl.common import assert_close_to_reference_error, tolerance
 from impl.diffusion import glide
 from impl.diffusion.digits import DigitJudge
 from impl.diffusion.loops import make_scheduler
@@ -43,13 +44,15 @@ def _tiny_glide(seed: int = 0) -> glide.Glide:
 
 
 def _reference_sample(
-    diffusers, g: glide.Glide, texts, scale: float, sampler: str, steps: int, seed: int
+    diffusers, g: glide.Glide, texts, scale: float, sampler: str, steps: int, seed: int,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The sampling loop by hand: diffusers' scheduler, two separate model calls, Ho & Salimans Eq. 6."""
+    """The sampling loop by hand: diffusers' scheduler, two separate model calls, Ho & Salimans Eq. 6. In float64
+    the noise is still drawn in float32 (then widened), so both precisions follow the same random path."""
     ref = (diffusers.DDIMScheduler if sampler == "ddim" else diffusers.DDPMScheduler)(**SCHEDULE)
     ref.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(texts), 1, 8, 8, generator=generator)
+    x = torch.randn(len(texts), 1, 8, 8, generator=generator).to(dtype)
     cond = g.tokenizer.encode(texts, g.model.config.context_length)
     uncond = g.tokenizer.encode([""] * len(texts), g.model.config.context_length)
     with torch.no_grad():
@@ -62,13 +65,21 @@ def _reference_sample(
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 @pytest.mark.parametrize("scale", [0.0, 1.0, 3.0], ids=["uncond", "cond", "guided"])
-def test_sample_equals_a_diffusers_loop_with_explicit_guidance(diffusers, sampler, scale):
+def test_sample_equals_a_diffusers_loop_with_explicit_guidance(diffusers, sampler, scale, monkeypatch):
+    """An eight-step guided chain amplifies float32 rounding, and how much depends on the CPU's matmul kernels
+    (ours batches the two model calls, the reference does not). So ours is judged against the float64 loop,
+    within a small factor of the float32 reference's own error, which holds on any CPU."""
     g = _tiny_glide()
     ours = glide.sample(g, TEXTS, guidance_scale=scale, num_inference_steps=8, sampler=sampler,
                         generator=torch.Generator().manual_seed(1))  # fmt: skip
     ref = _reference_sample(diffusers, g, TEXTS, scale, sampler, steps=8, seed=1)
+    draw = diffusers.schedulers.scheduling_ddpm.randn_tensor
+    monkeypatch.setattr(diffusers.schedulers.scheduling_ddpm, "randn_tensor",
+                        lambda shape, dtype=None, **kw: draw(shape, dtype=torch.float32, **kw).to(dtype))
+    g64 = glide.Glide(copy.deepcopy(g.model).double(), g.tokenizer, g.schedule, [])
+    truth = _reference_sample(diffusers, g64, TEXTS, scale, sampler, 8, 1, torch.float64)
     assert ours.shape == (3, 1, 8, 8)
-    torch.testing.assert_close(ours, ref, **tolerance(torch.float32))
+    assert_close_to_reference_error(ours, ref, truth, factor=4.0, slack=tolerance(torch.float32)["atol"])
     other = _reference_sample(diffusers, g, TEXTS, scale + 2.0, sampler, steps=8, seed=1)
     assert not torch.allclose(ours, other, atol=1e-3)  # negative control: another scale, another sample
 

@@ -1,6 +1,7 @@
 """Sampling: reproducible with a seeded generator; top-k / top-p keep exactly the tokens transformers' warpers
 keep and never emit another (a hypothesis property)."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -71,3 +72,10 @@ def test_negative_control_unfiltered_draws_leave_the_kept_set():
     logits = torch.linspace(0, 1, 50)[None]  # nearly flat: most mass lies outside the top 5
     draws = sample_next(logits.expand(64, -1), 1.0, None, None, g)[None]  # (1, 64)
     assert not _hf_kept(logits, 5, None).gather(1, draws).all()
+
+
+@pytest.mark.parametrize("top_p", [0.9999999999999999, 1 - 2**-30, 0.5, 0.01])
+def test_top_p_near_one_keeps_what_transformers_keeps(top_p):
+    """A p within fp32's epsilon of 1 must not be rounded to 1 (which cut the tail that transformers keeps)."""
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(3)) * 6
+    assert torch.equal(filter_top_p(logits, top_p).isfinite(), _hf_kept(logits, None, top_p))

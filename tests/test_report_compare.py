@@ -15,7 +15,8 @@ import pytest
 
 from impl.__main__ import main as impl_main
 from impl.report import load_run
-from impl.report.compare import append_drift, compare_runs, main, render_comparison
+from impl.report.compare import compare_runs
+from impl.report.drift import append_drift, main, render_comparison
 
 MS = 1e-3
 OK_ERROR = {"max_abs": 1e-6, "max_rel": 1e-6, "ok": True}

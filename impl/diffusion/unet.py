@@ -126,7 +126,7 @@ class UNet(nn.Module):
         t = torch.as_tensor(t, device=x.device).expand(B) if torch.as_tensor(t).dim() == 0 else t
         if t.shape != (B,):
             raise ValueError(f"t must be a scalar or have shape ({B},), got {tuple(t.shape)}")
-        emb = self.time_mlp(timestep_embedding(t, cfg.channels))  # (B, emb_dim)
+        emb = self.time_mlp(timestep_embedding(t, cfg.channels).to(x.dtype))  # (B, emb_dim), in the input's dtype
         if cond is not None:
             if cond.shape != (B, cfg.emb_dim):
                 raise ValueError(f"cond must have shape ({B}, {cfg.emb_dim}), got {tuple(cond.shape)}")

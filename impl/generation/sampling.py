@@ -16,12 +16,14 @@ def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """-inf outside the smallest set of most likely tokens whose probabilities sum to at least p."""
-    if p >= 1.0:  # everything; the sums below would round to 1 early and cut tokens under fp32's epsilon
+    """-inf outside the smallest set of most likely tokens whose probabilities sum to at least p: the least likely
+    tokens whose total stays within 1 - p go (computed that way round, as transformers' TopPLogitsWarper does, so
+    a p within fp32's epsilon of 1 is not rounded to 1 and nothing is cut that it keeps)."""
+    if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    drop_sorted = probs.cumsum(dim=-1) - probs >= p  # the more likely tokens before this one already reach p
+    sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+    drop_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - p
+    drop_sorted[..., -1] = False  # the most likely token always stays
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

@@ -1,6 +1,7 @@
 """Benchmark JSON -> markdown report and plots: `python -m impl.report BENCH.json [...] -o reports/`."""
 
-from impl.report.compare import Comparison, Finding, compare_runs, render_comparison
+from impl.report.compare import Comparison, Finding, compare_runs
+from impl.report.drift import render_comparison
 from impl.report.load import ReportError, Row, Run, load_run
 from impl.report.render import group_table, plot_sweep, render
 
