@@ -1,5 +1,19 @@
-"""Shared helpers: device and dtype choice, seeding, the memory meter, tolerances, timing and rooflines."""
+"""Shared helpers: input checks, device and dtype choice, seeding, the memory meter, tolerances, timing and
+rooflines."""
 
+from impl.common.checks import (
+    InputTypeError,
+    check_bool,
+    check_int,
+    check_number,
+    check_one_of,
+    check_positive_int,
+    check_positive_number,
+    check_probability,
+    check_tensor,
+    check_token_ids,
+    check_token_list,
+)
 from impl.common.device import (
     DEVICE_CHOICES,
     SIZE_CHOICES,
@@ -30,10 +44,21 @@ __all__ = [
     "DEVICE_CHOICES",
     "SIZE_CHOICES",
     "TOLERANCES",
+    "InputTypeError",
     "MemoryMeter",
     "Peak",
     "assert_close_to_reference_error",
     "attention_flops",
+    "check_bool",
+    "check_int",
+    "check_number",
+    "check_one_of",
+    "check_positive_int",
+    "check_positive_number",
+    "check_probability",
+    "check_tensor",
+    "check_token_ids",
+    "check_token_list",
     "compare_to_reference",
     "cpu_name",
     "cuda_graph",
