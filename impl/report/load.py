@@ -78,7 +78,10 @@ def load_run(path: str | Path) -> Run:
     for i, bench in enumerate(benchmarks):
         if not isinstance(bench, dict) or not isinstance(bench.get("stats"), dict) or "name" not in bench:
             raise ReportError(f"{path}: benchmark #{i} has no 'name' and 'stats'; not pytest-benchmark output")
-        rows.append(_row(bench))
+        try:
+            rows.append(_row(bench))
+        except ValueError as err:
+            raise ReportError(f"{path}: benchmark #{i} ({bench.get('name')!r}): {err}") from None
     rows += _outcome_rows(data, rows)
     _infer_foreign_sweeps(rows)
     return Run(path=path, label=path.stem, header=_header(data), rows=rows)
@@ -86,6 +89,16 @@ def load_run(path: str | Path) -> Run:
 
 def _row(bench: dict) -> Row:
     extra = bench.get("extra_info") or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"extra_info must be an object, got {type(extra).__name__}")
+    if not isinstance(extra.get("metrics") or {}, dict):
+        raise ValueError(f"extra_info.metrics must be an object of name: value, got {type(extra['metrics']).__name__}")
+    images = extra.get("images") or []
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise ValueError(f"extra_info.images must be a list of file names, got {images!r}")
+    for name in images:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"extra_info.images must name files beside the JSON, got {name!r}")
     params = extra.get("params")
     if not isinstance(params, dict):
         params = {k: v for k, v in (bench.get("params") or {}).items() if v is not None}
@@ -109,7 +122,7 @@ def _row(bench: dict) -> Row:
         dtype=extra.get("dtype"),
         metrics=dict(extra.get("metrics") or {}),
         plot=[str(p) for p in extra.get("plot") or []],
-        images=[str(p) for p in extra.get("images") or []],
+        images=list(images),
         flops=float(extra["flops"]) if _is_number(extra.get("flops")) else None,
         nbytes=float(extra["bytes"]) if _is_number(extra.get("bytes")) else None,
         mfu=bool(extra.get("mfu")),
@@ -162,8 +175,18 @@ def _infer_foreign_sweeps(rows: list[Row]) -> None:
         for r in members:
             r.sweep = r.sweep or sweep
             if not r.variant:
-                rest = [f"{k}={r.params[k]}" for k in varying if k != sweep and k in r.params]
-                r.variant = " ".join([r.name.split("[")[0], *rest])
+                folded = [k for k in varying if k != sweep and k in r.params]
+                r.variant = " ".join([r.name.split("[")[0], *(f"{k}={r.params[k]}" for k in folded)])
+                # What names the variant is no longer a parameter: rows of different variants at the same swept
+                # value then line up, so each gets its ratio to the baseline's row.
+                r.params = {k: v for k, v in r.params.items() if k not in folded}
+
+
+def _commit(commit: dict) -> str:
+    """A git id shortened to 10 characters; anything else (pytest-benchmark's "unversioned") as it is."""
+    ident = str(commit.get("id") or "")
+    short = ident[:10] if len(ident) >= 10 and all(c in "0123456789abcdef" for c in ident.lower()) else ident
+    return short + ("+dirty" if short and commit.get("dirty") else "")
 
 
 def _header(data: dict) -> dict:
@@ -184,7 +207,7 @@ def _header(data: dict) -> dict:
         "system": " ".join(x for x in (machine.get("system"), machine.get("release")) if x),
         "date": data.get("datetime"),
         "partial_runs": [d for d in data.get("partial_runs") or [] if d],
-        "commit": (commit.get("id") or "")[:10] + ("+dirty" if commit.get("dirty") else ""),
+        "commit": _commit(commit),
         "roofs": impl.get("roofs") if isinstance(impl.get("roofs"), dict) else None,
         "datasheet": impl.get("datasheet") if isinstance(impl.get("datasheet"), dict) else None,
         "run": data.get("impl_run") if isinstance(data.get("impl_run"), dict) else None,

@@ -48,7 +48,7 @@ def _fmt_bytes(n: int | None) -> str:
 
 def _fmt(x) -> str:
     if isinstance(x, float):
-        return f"{x:.4g}"
+        return f"{x:.4g}" if math.isfinite(x) else "invalid"
     return "-" if x is None else _md(x)
 
 
@@ -174,7 +174,8 @@ def plot_sweep(rows: list[Row], path: Path, title: str) -> bool:
     """Time, peak memory (when measured) and the panels rows ask for (`Row.plot`) against the sweep parameter,
     a line per variant; False if the group has no numeric sweep to plot."""
     sweep = next((r.sweep for r in rows if r.sweep), None)
-    points = [r for r in rows if sweep and isinstance(r.params.get(sweep), int | float) and r.median_s is not None]
+    points = [r for r in rows if sweep and isinstance(r.params.get(sweep), int | float) and r.median_s is not None
+              and math.isfinite(r.median_s) and r.median_s > 0]
     if not points or len({r.params[sweep] for r in points}) < 2:
         return False
     import matplotlib
@@ -249,13 +250,13 @@ def _images(rows: list[Row], run: Run, out_dir: Path) -> list[str]:
     for name in dict.fromkeys(name for r in rows for name in r.images):
         source = run.path.parent / name
         if not source.is_file():
-            lines += [f"(picture `{name}` was not found beside {run.path.name})", ""]
+            lines += [f"(picture `{_md(name)}` was not found beside {_md(run.path.name)})", ""]
             continue
         target = source
         if source.parent.resolve() != out_dir.resolve():
             target = out_dir / f"{_slug(run.label)}--{name}"
             shutil.copyfile(source, target)
-        lines += [f"![{name}]({target.name})", ""]
+        lines += [f"![{_md(name)}]({target.name})", ""]
     return lines
 
 
@@ -395,7 +396,7 @@ def render(runs: list[Run], out_dir: str | Path, title: str = "Benchmark report"
             if not rows:
                 continue
             if len(runs) > 1:
-                lines += [f"### {_run_title(run)}", ""]
+                lines += [f"### {_md(_run_title(run))}", ""]
             fixed = _fixed(rows, _varying(rows))
             if fixed:
                 lines += [f"Fixed: {_md(fixed)}.", ""]
