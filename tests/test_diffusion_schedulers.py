@@ -137,9 +137,9 @@ def test_bad_configuration_and_input_raise_clear_errors():
     scheduler.set_timesteps(10)
     with pytest.raises(ValueError, match=r"model_output must have the sample's shape \(1, 4\), got \(1, 3\)"):
         scheduler.step(torch.zeros(1, 3), 901, torch.zeros(1, 4))
-    with pytest.raises(ValueError, match=r"timestep must be in \[0, 1000\), got 1000"):
+    with pytest.raises(ValueError, match=r"timestep must be an int in \[0, 1000\), got 1000"):
         scheduler.step(torch.zeros(1, 4), 1000, torch.zeros(1, 4))
-    with pytest.raises(ValueError, match="eta must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="eta must be a number >= 0, got -1"):
         scheduler.step(torch.zeros(1, 4), 900, torch.zeros(1, 4), eta=-1)
     ddpm = DDPMScheduler()
     ddpm.set_timesteps(10)

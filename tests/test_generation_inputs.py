@@ -32,12 +32,12 @@ BAD = {
         "attention_mask must mark at least one token in every row",
     ),
     "temperature": (dict(max_new_tokens=3, temperature=-0.5), "temperature must be a number >= 0, got -0.5"),
-    "top-p-zero": (dict(max_new_tokens=3, temperature=1.0, top_p=0.0), r"top_p must be None or in \(0, 1\], got 0.0"),
+    "top-p-zero": (dict(max_new_tokens=3, temperature=1.0, top_p=0.0), r"top_p must be a number in \(0, 1\], got 0.0"),
     "top-p-above-1": (
         dict(max_new_tokens=3, temperature=1.0, top_p=1.5),
-        r"top_p must be None or in \(0, 1\], got 1.5",
+        r"top_p must be a number in \(0, 1\], got 1.5",
     ),
-    "top-k": (dict(max_new_tokens=3, temperature=1.0, top_k=0), "top_k must be None or an int >= 1, got 0"),
+    "top-k": (dict(max_new_tokens=3, temperature=1.0, top_k=0), "top_k must be a positive int, got 0"),
     "max-new-tokens": (dict(max_new_tokens=0), "max_new_tokens must be a positive int, got 0"),
 }
 

@@ -12,6 +12,7 @@ from impl.attention._checks import check_qkv
 from impl.attention.flash_torch import flash_attention_torch
 from impl.attention.flash_triton import flash_attention_triton
 from impl.attention.naive import naive_attention
+from impl.common.checks import check_one_of
 
 __all__ = ["attention", "flash_attention_torch", "flash_attention_triton", "naive_attention"]
 
@@ -32,8 +33,7 @@ def attention(
     backend: str = "auto",
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v through the chosen backend: auto, naive, torch, triton or sdpa."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_one_of("backend", backend, BACKENDS)
     scale = check_qkv(q, k, v, causal, scale)
     if backend == "auto":
         backend = "triton" if q.is_cuda else "torch"

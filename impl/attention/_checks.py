@@ -4,6 +4,8 @@ import math
 
 import torch
 
+from impl.common.checks import check_bool, is_number
+
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None) -> float:
     """Validate (batch, heads, seq, head_dim) inputs; return the softmax scale (1/sqrt(head_dim) by default)."""
@@ -27,11 +29,14 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, s
         raise ValueError(f"v (heads, seq) must equal k's {tuple(k.shape[1:3])}, got {tuple(v.shape[1:3])}")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"q heads ({q.shape[1]}) must be divisible by k/v heads, got {k.shape[1]} k/v heads")
+    if q.shape[-1] < 1:
+        raise ValueError(f"q head_dim must be >= 1, got {q.shape[-1]} (shape {tuple(q.shape)})")
+    check_bool("causal", causal)
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal attention needs equal q and k seq lengths, got q {q.shape[2]} and k {k.shape[2]}")
     if scale is None:
         return 1.0 / math.sqrt(q.shape[-1])
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+    if not is_number(scale) or not 0 < scale < math.inf:
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     return float(scale)
 

@@ -13,6 +13,7 @@ broadcasts over the G query heads of its group; dK and dV sum over that group.
 import torch
 
 from impl.attention._checks import check_qkv
+from impl.common.checks import check_positive_int
 
 
 def _scores(q_blk, k_blk, scale, causal, q0, k0):
@@ -106,6 +107,5 @@ def flash_attention_torch(
     """Tiled attention over (batch, heads, seq, head_dim); O(N) memory in forward and backward."""
     scale = check_qkv(q, k, v, causal, scale)
     for name, block in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-            raise ValueError(f"{name} must be a positive int, got {block!r}")
+        check_positive_int(name, block)
     return _FlashAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), causal, scale, block_q, block_k)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from impl.attention._checks import check_qkv
+from impl.common.checks import check_int
 
 DELTA_ROWS = 64  # rows of O and dO per program of the D = rowsum(dO * O) kernel
 _BLOCK_FIELDS = ("block_m", "block_n", "bwd_block_m", "bwd_block_n", "dq_block_m", "dq_block_n")
@@ -48,8 +49,8 @@ class TritonConfig:
 
     def __post_init__(self):
         for name in _BLOCK_FIELDS:
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
+            value = check_int(name, getattr(self, name), low=16)
+            if value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {value}")
         for outer, inner in (("block_m", "block_n"), ("bwd_block_n", "bwd_block_m"), ("dq_block_m", "dq_block_n")):
             if getattr(self, outer) < getattr(self, inner):

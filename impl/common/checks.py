@@ -25,7 +25,7 @@ def show(value: object, limit: int = 60) -> str:
 
 def _got_type(value: object) -> str:
     if isinstance(value, str | int | float | bool | type(None)):
-        return f"{type(value).__name__} {show(value)}"
+        return show(value)  # the repr tells the type: '8', 8.0, True, None
     return type(value).__name__
 
 
@@ -47,18 +47,22 @@ def is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_int(name: str, value: object, *, low: int | None = None, high: int | None = None) -> int:
-    """`value` as an int in [low, high] (either bound optional); floats, strings and bools are refused."""
+def check_int(
+    name: str, value: object, *, low: int | None = None, high: int | None = None, high_open: bool = False
+) -> int:
+    """`value` as an int in [low, high] ([low, high) with high_open; either bound optional); floats, strings and
+    bools are refused."""
     if low == 1 and high is None:
         expected = "a positive int"
     elif low is None and high is None:
         expected = "an int"
     else:
-        expected = f"an int {'in ' if low is not None and high is not None else ''}{_interval(low, high, False, False)}"
+        expected = f"an int {'in ' if low is not None and high is not None else ''}"
+        expected += _interval(low, high, False, high_open)
     if not is_int(value):
         raise InputTypeError(f"{name} must be {expected}, got {_got_type(value)}")
     value = int(value)
-    if (low is not None and value < low) or (high is not None and value > high):
+    if (low is not None and value < low) or (high is not None and (value >= high if high_open else value > high)):
         raise ValueError(f"{name} must be {expected}, got {value}")
     return value
 
@@ -81,8 +85,6 @@ def check_number(
     """`value` as a float in the interval (bounds optional, open or closed); NaN always refused, inf when finite."""
     if low == 0 and low_open and high is None:
         expected = "a positive number"
-    elif low == 0 and not low_open and high is None:
-        expected = "a non-negative number"
     elif low is None and high is None:
         expected = "a finite number" if finite else "a number"
     else:
@@ -90,13 +92,13 @@ def check_number(
         expected += _interval(low, high, low_open, high_open)
     if not is_number(value):
         raise InputTypeError(f"{name} must be {expected}, got {_got_type(value)}")
-    value = float(value)
-    bad = math.isnan(value) or (finite and math.isinf(value))
-    bad = bad or (low is not None and (value <= low if low_open else value < low))
-    bad = bad or (high is not None and (value >= high if high_open else value > high))
+    number = float(value)
+    bad = math.isnan(number) or (finite and math.isinf(number))
+    bad = bad or (low is not None and (number <= low if low_open else number < low))
+    bad = bad or (high is not None and (number >= high if high_open else number > high))
     if bad:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return value
+        raise ValueError(f"{name} must be {expected}, got {show(value)}")
+    return number
 
 
 def check_positive_number(name: str, value: object) -> float:
@@ -132,7 +134,7 @@ def check_tensor(
     value: object,
     *,
     dim: int | Iterable[int] | None = None,
-    shape: Sequence[int | None] | None = None,
+    shape: Sequence[int | str | None] | None = None,
     dtype: torch.dtype | Iterable[torch.dtype] | None = None,
     floating: bool = False,
     integer: bool = False,
@@ -140,23 +142,26 @@ def check_tensor(
     nonempty: bool = False,
     finite: bool = False,
 ) -> torch.Tensor:
-    """A tensor with the given rank, shape (None: any size on that axis), dtype(s) or kind, device, no NaN/inf."""
+    """A tensor with the given rank, shape, dtype(s) or kind, device, no NaN/inf. In `shape` an int is an exact
+    size, a str names a free axis (shown in the message), None is a free axis."""
     if not isinstance(value, torch.Tensor):
         raise InputTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if shape is not None:
-        dim = len(shape)
+        wanted = tuple(shape)
+        if value.dim() != len(wanted) or any(
+            isinstance(s, int) and s != n for s, n in zip(wanted, value.shape, strict=True)
+        ):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in wanted) + ("," if len(wanted) == 1 else "") + ")"
+            raise ValueError(f"{name} must have shape {want}, got shape {tuple(value.shape)}")
     if dim is not None:
         dims = (dim,) if isinstance(dim, int) else tuple(dim)
         if value.dim() not in dims:
-            want = " or ".join(f"{d}-D" for d in dims)
+            want = " or ".join(f"{d}-D" for d in dims) if len(dims) < 4 else f"{min(dims)}-D to {max(dims)}-D"
             raise ValueError(f"{name} must be {want}, got shape {tuple(value.shape)}")
-    if shape is not None and any(s is not None and s != n for s, n in zip(shape, value.shape, strict=True)):
-        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(value.shape)}")
     if floating and not value.is_floating_point():
-        raise InputTypeError(f"{name} must have a floating dtype, got {value.dtype}")
+        raise InputTypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
     if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
-        raise InputTypeError(f"{name} must have an integer dtype, got {value.dtype}")
+        raise InputTypeError(f"{name} must be an integer tensor, got {value.dtype}")
     if dtype is not None:
         dtypes = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
         if value.dtype not in dtypes:

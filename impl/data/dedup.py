@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from impl.common.checks import check_positive_int, check_probability
+
 _MASK32 = (1 << 32) - 1
 
 
@@ -77,11 +79,6 @@ def exact_duplicates(docs: Sequence[str]) -> Dedup:
     return clusters_from_pairs(len(docs), pairs)
 
 
-def _check_int(name: str, value: int, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
 def _shingle_hashes(text: str, ngram: int) -> np.ndarray:
     """Distinct 32-bit hashes of the byte n-grams of the normalized text (the text itself if shorter)."""
     data = np.frombuffer(normalize(text).encode(), dtype=np.uint8).astype(np.uint64)
@@ -96,8 +93,8 @@ def _shingle_hashes(text: str, ngram: int) -> np.ndarray:
 def minhash_signatures(docs: Sequence[str], num_perm: int = 128, ngram: int = 5, seed: int = 0) -> np.ndarray:
     """MinHash signatures (len(docs), num_perm) uint64 over the character n-gram sets of the normalized docs."""
     _check_docs(docs)
-    _check_int("num_perm", num_perm, 1)
-    _check_int("ngram", ngram, 1)
+    check_positive_int("num_perm", num_perm)
+    check_positive_int("ngram", ngram)
     if not docs:
         return np.empty((0, num_perm), dtype=np.uint64)
     rng = np.random.default_rng(seed)
@@ -131,13 +128,12 @@ def near_duplicates(
 ) -> Dedup:
     """Clusters of documents whose estimated n-gram Jaccard reaches `threshold` in (0, 1], found by MinHash LSH
     (`bands` must divide num_perm; by default chosen from the threshold), and the kept set."""
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
-    _check_int("num_perm", num_perm, 1)
+    check_probability("threshold", threshold, low_open=True)
+    check_positive_int("num_perm", num_perm)
     if bands is None:
         bands, rows = lsh_bands(num_perm, threshold)
     else:
-        _check_int("bands", bands, 1)
+        check_positive_int("bands", bands)
         if num_perm % bands:
             raise ValueError(f"bands must divide num_perm={num_perm}, got {bands}")
         rows = num_perm // bands

@@ -27,8 +27,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from impl.common.checks import check_int, check_one_of, check_positive_int, check_tensor, check_token_list
+
 STRATEGIES = ("ffd", "greedy", "pad")
 LONG_DOCS = ("reject", "split")
+TOKEN_LIMIT = 2**63  # token ids are stored as int64
 IGNORE_INDEX = -100  # cross-entropy's ignore_index: labels at padding and across document boundaries
 
 
@@ -56,12 +59,15 @@ def _check_docs(docs: Sequence[Sequence[int]]) -> list[list[int]]:
     for i, doc in enumerate(out):
         if not doc:
             raise ValueError(f"docs[{i}] must hold at least one token, got an empty document")
+        # Fast path for plain ints in range; anything else (numpy ints, floats, bools, str, nested lists, ids
+        # out of int64) goes through the shared check, which converts or names the offending token.
+        if not all(type(t) is int for t in doc) or min(doc) < 0 or max(doc) >= TOKEN_LIMIT:
+            out[i] = check_token_list(f"docs[{i}]", doc, TOKEN_LIMIT)
     return out
 
 
 def _check_seq_len(seq_len: int) -> None:
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    check_positive_int("seq_len", seq_len)
 
 
 def _pieces(docs: list[list[int]], seq_len: int, long_docs: str) -> list[tuple[int, list[int]]]:
@@ -113,10 +119,9 @@ def pack_documents(
     (-1 at padding), each (rows, seq_len). A document over seq_len is rejected or split (`long_docs`)."""
     docs = _check_docs(docs)
     _check_seq_len(seq_len)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if long_docs not in LONG_DOCS:
-        raise ValueError(f"long_docs must be one of {LONG_DOCS}, got {long_docs!r}")
+    check_one_of("strategy", strategy, STRATEGIES)
+    check_one_of("long_docs", long_docs, LONG_DOCS)
+    check_int("pad_id", pad_id, low=-TOKEN_LIMIT, high=TOKEN_LIMIT, high_open=True)
     pieces = _pieces(docs, seq_len, long_docs)
     rows = _assign_rows([len(toks) for _, toks in pieces], seq_len, strategy)
     input_ids = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
@@ -137,12 +142,7 @@ def pack_documents(
 
 def document_mask(document_ids: torch.Tensor, causal: bool = True) -> torch.Tensor:
     """Boolean (rows, T, T) mask, True where query i may attend key j: same document id (and j <= i if causal)."""
-    if not isinstance(document_ids, torch.Tensor):
-        raise TypeError(f"document_ids must be a torch.Tensor, got {type(document_ids).__name__}")
-    if document_ids.dim() != 2:
-        raise ValueError(f"document_ids must have shape (rows, seq_len), got shape {tuple(document_ids.shape)}")
-    if document_ids.dtype.is_floating_point or document_ids.dtype == torch.bool:
-        raise TypeError(f"document_ids must be an integer tensor, got {document_ids.dtype}")
+    check_tensor("document_ids", document_ids, shape=("rows", "seq_len"), integer=True)
     mask = document_ids[:, :, None] == document_ids[:, None, :]  # (rows, T, T)
     if causal:
         T = document_ids.shape[1]
@@ -182,13 +182,11 @@ class LoaderConfig:
     seed: int = 0  # the shuffle's seed; epoch e uses seed + e
 
     def __post_init__(self) -> None:
-        _check_seq_len(self.seq_len)
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise ValueError(f"LoaderConfig.batch_size must be a positive int, got {self.batch_size!r}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"LoaderConfig.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.long_docs not in LONG_DOCS:
-            raise ValueError(f"LoaderConfig.long_docs must be one of {LONG_DOCS}, got {self.long_docs!r}")
+        check_positive_int("LoaderConfig.seq_len", self.seq_len)
+        check_positive_int("LoaderConfig.batch_size", self.batch_size)
+        check_one_of("LoaderConfig.strategy", self.strategy, STRATEGIES)
+        check_one_of("LoaderConfig.long_docs", self.long_docs, LONG_DOCS)
+        check_int("LoaderConfig.pad_id", self.pad_id, low=-TOKEN_LIMIT, high=TOKEN_LIMIT, high_open=True)
 
 
 class Batch(NamedTuple):

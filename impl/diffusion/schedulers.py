@@ -20,6 +20,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from impl.common.checks import check_bool, check_int, check_number, check_one_of, check_positive_int, check_tensor
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -39,15 +41,16 @@ class SchedulerConfig:
     set_alpha_to_one: bool = True  # DDIM: abar before step 0 is 1 (else abar_0)
 
     def __post_init__(self) -> None:
-        for name, allowed in (
-            ("beta_schedule", BETA_SCHEDULES),
-            ("prediction_type", PREDICTION_TYPES),
-            ("timestep_spacing", TIMESTEP_SPACINGS),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
+        check_one_of("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        check_one_of("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_one_of("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        self.num_train_timesteps = check_positive_int("num_train_timesteps", self.num_train_timesteps)
+        self.beta_start = check_number("beta_start", self.beta_start, low=0, high=1, low_open=True, high_open=True)
+        self.beta_end = check_number("beta_end", self.beta_end, low=0, high=1, low_open=True, high_open=True)
+        self.steps_offset = check_int("steps_offset", self.steps_offset, low=0)
+        check_bool("clip_sample", self.clip_sample)
+        self.clip_sample_range = check_number("clip_sample_range", self.clip_sample_range, low=0, low_open=True)
+        check_bool("set_alpha_to_one", self.set_alpha_to_one)
 
 
 class StepOutput(NamedTuple):
@@ -91,9 +94,7 @@ class _Scheduler:
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
         """Pick num_inference_steps timesteps (descending) from [0, T) with the configured spacing."""
         T = self.config.num_train_timesteps
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps must be an int in [1, {T}], got {num_inference_steps!r}")
-        n = num_inference_steps
+        n = check_int("num_inference_steps", num_inference_steps, low=1, high=T)
         if self.config.timestep_spacing == "linspace":
             timesteps = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
         elif self.config.timestep_spacing == "leading":
@@ -109,8 +110,11 @@ class _Scheduler:
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Ho et al. Eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, one timestep per batch row."""
+        check_tensor("original_samples", original_samples, floating=True, dim=range(1, 9))
+        check_tensor("noise", noise, floating=True)
         if noise.shape != original_samples.shape:
             raise ValueError(f"noise must have shape {tuple(original_samples.shape)}, got {tuple(noise.shape)}")
+        self._check_timesteps(timesteps, original_samples.shape[0])
         abar = self.alphas_cumprod.to(original_samples.device, original_samples.dtype)[timesteps.to(noise.device)]
         abar = abar.flatten().reshape(-1, *([1] * (original_samples.dim() - 1)))  # (B, 1, 1, 1)
         return abar**0.5 * original_samples + (1 - abar) ** 0.5 * noise
@@ -130,15 +134,29 @@ class _Scheduler:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         return x0, eps
 
+    def _check_timesteps(self, timesteps: torch.Tensor, batch: int) -> None:
+        """add_noise's timesteps: integers in [0, T), one in all or one per row of the batch."""
+        T = self.config.num_train_timesteps
+        check_tensor("timesteps", timesteps, integer=True, dim=(0, 1))
+        if timesteps.numel() not in (1, batch):
+            raise ValueError(f"timesteps must hold 1 or batch={batch} values, got shape {tuple(timesteps.shape)}")
+        low, high = int(timesteps.min()), int(timesteps.max())
+        if low < 0 or high >= T:
+            raise ValueError(f"timesteps must be in [0, {T}), got {low if low < 0 else high}")
+
     def _check_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> int:
+        check_tensor("model_output", model_output, floating=True)
+        check_tensor("sample", sample, floating=True)
         if model_output.shape != sample.shape:
             raise ValueError(
                 f"model_output must have the sample's shape {tuple(sample.shape)}, got {tuple(model_output.shape)}"
             )
-        t = int(timestep)
-        if not 0 <= t < self.config.num_train_timesteps:
-            raise ValueError(f"timestep must be in [0, {self.config.num_train_timesteps}), got {t}")
-        return t
+        if isinstance(timestep, torch.Tensor):  # one element, integer-valued (a float tensor like 900.0 too)
+            if timestep.numel() != 1 or timestep.is_complex() or timestep.dtype == torch.bool:
+                raise ValueError(f"timestep must be an int or a one-element tensor, got shape {tuple(timestep.shape)}")
+            value = timestep.item()
+            timestep = int(value) if float(value).is_integer() else value
+        return check_int("timestep", timestep, low=0, high=self.config.num_train_timesteps, high_open=True)
 
 
 class DDPMScheduler(_Scheduler):
@@ -189,8 +207,7 @@ class DDIMScheduler(_Scheduler):
         """x_t -> x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z."""
         if self.num_inference_steps is None:
             raise ValueError("set_timesteps(num_inference_steps) must be called before step")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        eta = check_number("eta", eta, low=0)
         t = self._check_step(model_output, timestep, sample)
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         abar_t = self.alphas_cumprod[t]

@@ -10,6 +10,8 @@ size fixed and known:
 
 import torch
 
+from impl.common.checks import check_positive_int
+
 
 class KVCache:
     """Preallocated keys and values, one (batch, kv_heads, max_tokens, head_dim) tensor each per layer."""
@@ -32,8 +34,7 @@ class KVCache:
             ("max_tokens", max_tokens),
             ("head_dim", head_dim),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         self.max_tokens = max_tokens
         shape = (batch, kv_heads, max_tokens, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]

@@ -9,11 +9,21 @@ gets the same positions, hence the same continuation, as it would alone.
 
 import torch
 
+from impl.common.checks import (
+    check_bool,
+    check_int,
+    check_number,
+    check_positive_int,
+    check_probability,
+    check_token_ids,
+)
 from impl.generation.model import Llama
 from impl.generation.sampling import sample_next
 
 
-def _check(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p) -> None:
+def _check(
+    model, input_ids, max_new_tokens, use_cache, attention_mask, temperature, top_k, top_p, eos_token_id, generator
+) -> None:
     if not isinstance(model, Llama):
         raise TypeError(f"model must be an impl.generation.Llama, got {type(model).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
@@ -21,8 +31,10 @@ def _check(model, input_ids, max_new_tokens, attention_mask, temperature, top_k,
         raise ValueError(f"input_ids must be a (batch, seq) int64 tensor, got {got}")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids must hold at least one token per row, got seq length 0")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    vocab = model.config.vocab_size
+    check_token_ids("input_ids", input_ids, vocab)
+    check_positive_int("max_new_tokens", max_new_tokens)
+    check_bool("use_cache", use_cache)
     limit = model.config.max_position_embeddings
     if input_ids.shape[1] + max_new_tokens > limit:
         raise ValueError(
@@ -35,12 +47,15 @@ def _check(model, input_ids, max_new_tokens, attention_mask, temperature, top_k,
             raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {got}")
         if not attention_mask.bool().any(dim=-1).all():
             raise ValueError("attention_mask must mark at least one token in every row, got an all-zero row")
-    if not isinstance(temperature, int | float) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, int | float) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    check_number("temperature", temperature, low=0)
+    if top_k is not None:
+        check_positive_int("top_k", top_k)
+    if top_p is not None:
+        check_probability("top_p", top_p, low_open=True)
+    if eos_token_id is not None:
+        check_int("eos_token_id", eos_token_id, low=0, high=vocab, high_open=True)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 @torch.no_grad()
@@ -62,7 +77,9 @@ def generate(
     A row that has emitted `eos_token_id` is finished: it gets `eos_token_id` from then on, and generation
     stops once every row is finished. Without the cache every step reruns the whole sequence (the baseline).
     """
-    _check(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p)
+    _check(
+        model, input_ids, max_new_tokens, use_cache, attention_mask, temperature, top_k, top_p, eos_token_id, generator
+    )
     B, T = input_ids.shape
     device = input_ids.device
     key_mask = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)

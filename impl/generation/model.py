@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from impl.common.checks import check_positive_int, check_positive_number
 from impl.generation.cache import KVCache
 
 
@@ -37,8 +38,14 @@ class LlamaConfig:
     head_dim: int | None = None  # per-head width; hidden_size // num_attention_heads when None
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "max_position_embeddings"):  # fmt: skip
+            check_positive_int(f"config.{name}", getattr(self, name))
+        check_positive_number("config.rope_theta", self.rope_theta)
+        check_positive_number("config.rms_norm_eps", self.rms_norm_eps)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        check_positive_int("config.head_dim", self.head_dim)
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"num_attention_heads must be a multiple of num_key_value_heads, got "
