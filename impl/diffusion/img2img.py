@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from impl.common.checks import check_bool, check_number, check_one_of, check_positive_int, check_probability
 from impl.diffusion.guidance import classifier_free_guidance
 from impl.diffusion.schedulers import DDIMScheduler, DDPMScheduler, SchedulerConfig
 
@@ -63,6 +64,10 @@ def _image_to_tensor(image) -> torch.Tensor:
         raise ValueError(f"image as a tensor must be (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
     if not image.is_floating_point():
         raise TypeError(f"image as a tensor must be floating point in [0, 1], got {image.dtype}")
+    if image.shape[0] == 0 or image.shape[2] == 0 or image.shape[3] == 0:
+        raise ValueError(f"image must hold at least one pixel per image, got shape {tuple(image.shape)}")
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError("image values must be finite numbers in [0, 1], got NaN or inf")
     lo, hi = float(image.min()), float(image.max())
     if lo < 0 or hi > 1:
         raise ValueError(f"image values must be in [0, 1], got [{lo:.3g}, {hi:.3g}]")
@@ -84,15 +89,26 @@ def _step_kwargs(scheduler, eta: float, generator: torch.Generator | None) -> di
     return {name: value for name, value in candidates.items() if name in accepted}
 
 
-def _check(strength, num_inference_steps, guidance_scale, output_type) -> int:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
-        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-    if not isinstance(guidance_scale, (int, float)):
-        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale)}")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+def _prompts(name: str, prompt, batch: int, default: str | None = None) -> list[str]:
+    """One prompt per image from a string or a list of `batch` strings (None -> `default`, when given)."""
+    if prompt is None and default is not None:
+        prompt = default
+    if isinstance(prompt, str):
+        return [prompt] * batch
+    if not isinstance(prompt, list | tuple) or not all(isinstance(p, str) for p in prompt):
+        raise TypeError(f"{name} must be a string or a list of {batch} strings, got {type(prompt).__name__}")
+    if len(prompt) != batch:
+        raise ValueError(f"{name} must be a string or a list of {batch} strings (one per image), got {len(prompt)}")
+    return list(prompt)
+
+
+def _check(strength, num_inference_steps, guidance_scale, eta, output_type, progress) -> int:
+    strength = check_probability("strength", strength)
+    num_inference_steps = check_positive_int("num_inference_steps", num_inference_steps)
+    check_number("guidance_scale", guidance_scale)
+    check_number("eta", eta, low=0)
+    check_one_of("output_type", output_type, OUTPUT_TYPES)
+    check_bool("progress", progress)
     denoise_steps = min(int(num_inference_steps * strength), num_inference_steps)
     if denoise_steps == 0:
         raise ValueError(
@@ -122,23 +138,15 @@ def img2img(
     progress: bool = False,
 ):
     """Edit `image` toward `prompt` (SDEdit). Returns (B, 3, H, W) in [0, 1], or a list of PIL images."""
-    denoise_steps = _check(strength, num_inference_steps, guidance_scale, output_type)
+    denoise_steps = _check(strength, num_inference_steps, guidance_scale, eta, output_type, progress)
     device = unet.device
     pixels = _image_to_tensor(image)
     batch, _, height, width = pixels.shape
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if height % factor or width % factor:
         raise ValueError(f"image height and width must be multiples of the VAE factor {factor}, got {height}x{width}")
-    prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
-    if len(prompts) != batch:
-        raise ValueError(f"prompt must be a string or a list of {batch} strings (one per image), got {len(prompts)}")
-    negatives = (
-        [negative_prompt or ""] * batch
-        if negative_prompt is None or isinstance(negative_prompt, str)
-        else (list(negative_prompt))
-    )
-    if len(negatives) != batch:
-        raise ValueError(f"negative_prompt must be a string or a list of {batch} strings, got {len(negatives)}")
+    prompts = _prompts("prompt", prompt, batch)
+    negatives = _prompts("negative_prompt", negative_prompt, batch, default="")
 
     use_guidance = guidance_scale > 1  # w <= 1 needs no unconditional pass (as in diffusers)
     cond = _encode_text(text_encoder, tokenizer, prompts, device)
