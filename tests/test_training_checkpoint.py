@@ -152,6 +152,18 @@ def test_keep_last_prunes_oldest_and_ignores_unrelated_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step_00000004", "step_00000005"]
 
 
+def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path):
+    parts = _setup()
+    _save(tmp_path, 5, parts)
+    _train(*parts, steps=1)
+    path = _save(tmp_path, 3, parts, keep_last=1)  # an older step than one on disk (a rewound run)
+    assert path.is_dir() and load_checkpoint(path, model=_setup(seed=1)[0]).step == 3
+    # the newest (step 5) is kept too: pruning removes only checkpoints older than both
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000005"]
+    _save(tmp_path, 4, parts, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000005"]
+
+
 def test_failed_write_leaves_previous_checkpoints_and_no_partial_one(tmp_path, monkeypatch):
     parts = _setup()
     _save(tmp_path, 1, parts)

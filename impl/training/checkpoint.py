@@ -11,17 +11,18 @@ Inside it:
                            the names of tied weights, and where each tensor above belongs
     manifest.json          written last: format, step, and each file's byte count and sha256
 
-Reading checks every byte count and hash before anything is parsed or loaded, so a truncated, flipped or
-missing file raises `CheckpointError` naming the file, and leaves the model untouched; `resume` then tries the
-next older checkpoint, with a warning. Tensors are written and hashed from the file, so no serialized copy of
-the checkpoint is held in memory on either side.
+Loading is all-or-nothing, in two passes. The first only reads: the manifest must be well formed and agree
+with the disk (its step with the directory's name, its file list with the files above, every byte count and
+sha256 with the bytes; `_manifest.read_manifest`), then the files are parsed and everything is checked against
+the objects it will go into (`_plan.plan`). Only then is anything loaded (`_apply`). A missing, truncated, flipped
+or malformed file raises `CheckpointError` naming it, and `resume` tries the next older checkpoint, with a
+warning; a model, optimizer, scheduler or data iterator that does not match raises `ValueError`. Either way no
+model, optimizer, scheduler, data position or RNG has changed.
 """
 
-import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -32,16 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from impl.training._state import decode, encode
+from impl.training._manifest import FORMAT, MANIFEST, CheckpointError, fsync_dir, hash_file, read_manifest, step_dirs
+from impl.training._manifest import write_file as _write_file
+from impl.training._plan import Plan, plan
+from impl.training._state import encode
 
-FORMAT = 1
-MANIFEST = "manifest.json"
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+__all__ = ["FORMAT", "MANIFEST", "Checkpoint", "CheckpointError", "load_checkpoint", "resume", "save_checkpoint"]
 _TMP_PREFIX = ".tmp-step_"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated or corrupted (the message names the file)."""
 
 
 @dataclass
@@ -119,43 +117,6 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _check_model(model: nn.Module, saved: dict[str, torch.Tensor], where: Path) -> None:
-    expected = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
-    got = {name: (tuple(t.shape), t.dtype) for name, t in saved.items()}
-    problems = [f"missing {n}" for n in sorted(expected.keys() - got.keys())]
-    problems += [f"unexpected {n}" for n in sorted(got.keys() - expected.keys())]
-    problems += [
-        f"{n}: model has {expected[n]}, checkpoint has {got[n]}"
-        for n in sorted(expected.keys() & got.keys())
-        if expected[n] != got[n]
-    ]
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ValueError(f"checkpoint {where} was written for a model of another config: {shown}")
-
-
-# --- atomic files -----------------------------------------------------------------------------------------------
-
-
-def _hash_file(path: Path) -> dict:
-    """The manifest entry of one file: its byte count and sha256, read in 4 MiB chunks."""
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"bytes": size, "sha256": digest.hexdigest()}
-
-
-def _write_file(path: Path, data: bytes) -> dict:
-    """Write, flush and fsync one file; returns its manifest entry."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
     """safetensors file, fsynced; returns its manifest entry (hashed from the file as written)."""
     from safetensors.torch import save_file
@@ -163,23 +124,10 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
     save_file(_unshared(tensors), path)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-    return _hash_file(path)
+    return hash_file(path)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _step_dirs(directory: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every checkpoint directory, newest first."""
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return sorted(found, reverse=True)
+# --- save -------------------------------------------------------------------------------------------------------
 
 
 def save_checkpoint(
@@ -194,12 +142,16 @@ def save_checkpoint(
     extra: dict | None = None,
     keep_last: int | None = None,
 ) -> Path:
-    """Atomically write `directory/step_XXXXXXXX/` (model, optimizer, scheduler, RNGs, data position, config);
-    then delete all but the newest `keep_last` checkpoints. Returns the new checkpoint's path."""
+    """Atomically write `directory/step_XXXXXXXX/` (model, optimizer, scheduler, RNGs, data position, config)
+    and return its path.
+
+    `keep_last=k` then deletes every checkpoint older than the `k` newest steps, except the one just written:
+    that one is never deleted, even when newer steps exist (a rewound run), and no checkpoint newer than it is.
+    """
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
     _check_types(model, optimizer, scheduler, model_required=True)
-    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+    if keep_last is not None and (not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1):
         raise ValueError(f"keep_last must be None or an int >= 1, got {keep_last!r}")
     if config is not None and not isinstance(config, dict):
         raise TypeError(f"config must be a dict or None, got {type(config).__name__}")
@@ -233,7 +185,7 @@ def save_checkpoint(
         }
         manifest = {"format": FORMAT, "step": step, "files": files}
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # re-saving a step: move the old one aside, then swap
             old = directory / f"{_TMP_PREFIX}{step:08d}-{os.getpid()}-old"
             os.rename(final, old)
@@ -241,39 +193,33 @@ def save_checkpoint(
             shutil.rmtree(old)
         else:
             os.rename(tmp, final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep_last is not None:
-        for _, path in _step_dirs(directory)[keep_last:]:
-            shutil.rmtree(path)
+        for _, path in step_dirs(directory)[keep_last:]:
+            if path != final:
+                shutil.rmtree(path)
     return final
 
 
-def _verify(path: Path) -> dict:
-    """The manifest, after checking every file's byte count and sha256 against it."""
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
-    try:
-        manifest = json.loads((path / MANIFEST).read_bytes())
-        files = manifest["files"]
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is missing") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({err})") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT}")
-    for name, entry in files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path}: {name} is missing")
-        size = file.stat().st_size
-        if size != entry["bytes"]:
-            raise CheckpointError(f"checkpoint {path}: {name} has {size} bytes, manifest says {entry['bytes']}")
-        if _hash_file(file)["sha256"] != entry["sha256"]:
-            raise CheckpointError(f"checkpoint {path}: {name} fails its sha256 check (corrupted)")
-    return manifest
+# --- load: check everything (`_plan.plan`), then apply it ---------------------------------------------------
+
+
+def _apply(checked: Plan, *, model, optimizer, scheduler, data) -> None:
+    """Load a checked plan. The data iterator goes first: its own load_state_dict may still refuse (a
+    ShuffledBatches of another seed), and then nothing else has been touched either."""
+    if checked.data is not None:
+        data.load_state_dict(checked.data)
+    if checked.model is not None:
+        model.load_state_dict(checked.model)
+    if checked.optimizer is not None:
+        optimizer.load_state_dict(checked.optimizer)
+    if checked.scheduler is not None:
+        scheduler.load_state_dict(checked.scheduler)
+    if checked.rng is not None:
+        _set_rng_state(checked.rng)
 
 
 def load_checkpoint(
@@ -288,49 +234,17 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Verify one checkpoint directory, then load it into whatever is passed (and the RNGs, by default).
 
-    Raises `CheckpointError` for a missing, truncated or corrupted file, before anything is modified; and
-    `ValueError` when `model` or `config` does not match the ones the checkpoint was written for.
+    All or nothing: raises `CheckpointError` for a missing, truncated, corrupted or malformed file, and
+    `ValueError` when `model`, `optimizer`, `scheduler`, `data` or `config` does not match what the checkpoint
+    was written for, in both cases before any of them (or any RNG) is modified.
     """
-    from safetensors.torch import load_file
-
     _check_types(model, optimizer, scheduler, model_required=False)
     path = Path(path)
-    manifest = _verify(path)
-    try:
-        model_tensors = load_file(path / "model.safetensors")
-        state_tensors = load_file(path / "optimizer.safetensors")
-        state = json.loads((path / "state.json").read_bytes())
-        saved_config = decode(state["config"], state_tensors)
-    except Exception as err:  # hashes matched, so this is a writer bug or a hand-made manifest
-        raise CheckpointError(f"checkpoint {path}: cannot parse its files ({type(err).__name__}: {err})") from err
-    if config is not None and config != saved_config:
-        saved = saved_config or {}
-        diff = {
-            k: (saved.get(k), config.get(k))
-            for k in sorted(config.keys() | saved.keys())
-            if config.get(k) != saved.get(k)
-        }
-        raise ValueError(f"config does not match checkpoint {path}: (saved, given) differ for {diff}")
-    if model is not None:
-        full = dict(model_tensors)
-        full.update({alias: model_tensors[name] for alias, name in state["tied"].items()})
-        _check_model(model, full, path)
-        model.load_state_dict(full)
-    if optimizer is not None:
-        if state["optimizer"] is None:
-            raise ValueError(f"optimizer was given, but checkpoint {path} holds no optimizer state")
-        optimizer.load_state_dict(decode(state["optimizer"], state_tensors))
-    if scheduler is not None:
-        if state["scheduler"] is None:
-            raise ValueError(f"scheduler was given, but checkpoint {path} holds no scheduler state")
-        scheduler.load_state_dict(decode(state["scheduler"], state_tensors))
-    if data is not None and state["data"] is not None:
-        data.load_state_dict(decode(state["data"], state_tensors))
-    if restore_rng:
-        _set_rng_state(decode(state["rng"], state_tensors))
-    return Checkpoint(
-        path=path, step=manifest["step"], config=saved_config, extra=decode(state["extra"], state_tensors)
-    )
+    manifest = read_manifest(path)
+    targets = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data": data}
+    checked = plan(path, manifest["step"], config=config, restore_rng=restore_rng, **targets)
+    _apply(checked, **targets)
+    return Checkpoint(path=path, step=checked.step, config=checked.config, extra=checked.extra)
 
 
 def resume(
@@ -345,13 +259,14 @@ def resume(
 ) -> Checkpoint | None:
     """Load the newest valid checkpoint under `directory` (arguments as `load_checkpoint`).
 
-    An invalid newer checkpoint is skipped with a warning (and kept on disk). Returns None when `directory`
-    holds no checkpoint at all; raises `CheckpointError` listing every problem when none of them is valid.
+    An invalid newer checkpoint (`CheckpointError`) is skipped with a warning and kept on disk. Returns None
+    when `directory` holds no checkpoint at all; raises `CheckpointError` listing every problem when none of
+    them is valid.
     """
     _check_types(model, optimizer, scheduler, model_required=False)
     load_kwargs = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data": data, "config": config}
     directory = Path(directory)
-    candidates = _step_dirs(directory)
+    candidates = step_dirs(directory)
     if not candidates:
         return None
     problems = []
