@@ -159,9 +159,9 @@ def test_bad_input_gets_a_clear_error():
         glide.GlideConfig(text_width=30)
     with pytest.raises(TypeError, match="texts must be a non-empty list of str, got 'the number one'"):
         glide.sample(g, "the number one")
-    with pytest.raises(ValueError, match="guidance_scale must be >= 0, got -1.0"):
+    with pytest.raises(ValueError, match="guidance_scale must be a number >= 0, got -1.0"):
         glide.sample(g, TEXTS, guidance_scale=-1.0)
-    with pytest.raises(TypeError, match="clip_guidance_scale must be a float, got str"):
+    with pytest.raises(TypeError, match="clip_guidance_scale must be a number >= 0, got '10'"):
         glide.sample(g, TEXTS, clip_guidance_scale="10")
     with pytest.raises(ValueError, match="clip and clip_tokenizer must be given when clip_guidance_scale > 0"):
         glide.sample(g, TEXTS, clip_guidance_scale=10.0)

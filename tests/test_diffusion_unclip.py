@@ -158,7 +158,7 @@ def test_bad_input_gets_a_clear_error():
         unclip.sample_prior(u, "the number one")
     with pytest.raises(ValueError, match="candidates must be a positive int, got 0"):
         unclip.sample_prior(u, TEXTS, candidates=0)
-    with pytest.raises(ValueError, match="guidance_scale must be >= 0, got -2.0"):
+    with pytest.raises(ValueError, match="guidance_scale must be a number >= 0, got -2.0"):
         unclip.sample(u, TEXTS, decoder_guidance_scale=-2.0)
     with pytest.raises(ValueError, match="per_image must be a positive int, got 0"):
         unclip.variations(u, torch.rand(2, 1, 8, 8), per_image=0)

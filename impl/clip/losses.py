@@ -12,6 +12,8 @@ other 2N - 2 views; the loss is averaged over all 2N anchors.
 import torch
 import torch.nn.functional as F
 
+from impl.common.checks import check_positive_number
+
 # How far from 1 a row's norm may be for a tensor to count as L2-normalized.
 UNIT_NORM_ATOL = 1e-3
 
@@ -64,8 +66,7 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
     """SimCLR's NT-Xent on two (N, D) batches of views, z1[i] and z2[i] being the positive pair."""
     _check_pair("z1", z1, "z2", z2)
-    if not isinstance(temperature, int | float) or isinstance(temperature, bool) or temperature <= 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    check_positive_number("temperature", temperature)
     n = z1.shape[0]
     if n < 2:
         raise ValueError(f"z1 must hold at least 2 pairs (the negatives are the other pairs), got {n}")

@@ -9,6 +9,7 @@ judges, and its own held-out accuracy (about 99%) is the ceiling any generator c
 import torch
 
 from impl.clip.train import CLASS_NAMES, load_digits_split
+from impl.common.checks import is_int
 
 __all__ = ["CLASS_NAMES", "DigitJudge", "from_model_space", "image_grid", "to_model_space"]
 
@@ -55,7 +56,7 @@ def image_grid(images: torch.Tensor, rows: int, scale: int = 4, pad: int = 1) ->
     if images.dim() != 4:
         raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
     N, C = images.shape[:2]
-    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1 or N % rows:
+    if not is_int(rows) or rows < 1 or N % rows:
         raise ValueError(f"rows must divide the number of images {N}, got {rows}")
     cols = N // rows
     big = images.detach().float().cpu().repeat_interleave(scale, 2).repeat_interleave(scale, 3)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from impl.common.checks import check_number, check_positive_int, is_number
 from impl.diffusion.schedulers import DDIMScheduler, DDPMScheduler
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -30,21 +31,16 @@ def check_train_config(config, positive_ints: tuple[str, ...], fractions: tuple[
     """Raise a ValueError naming the first field that is not a positive int, or not in [0, 1)."""
     name = type(config).__name__
     for field in positive_ints:
-        value = getattr(config, field)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}.{field} must be a positive int, got {value!r}")
+        check_positive_int(f"{name}.{field}", getattr(config, field))
     for field in fractions:
         value = getattr(config, field)
-        if not 0 <= value < 1:
+        if not is_number(value) or not 0 <= value < 1:
             raise ValueError(f"{name}.{field} must be in [0, 1), got {value!r}")
 
 
 def check_scale(name: str, value: float) -> None:
     """A guidance scale must be a real number >= 0."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    check_number(name, value, low=0)
 
 
 def check_texts(texts: list[str]) -> None:

@@ -35,6 +35,7 @@ from impl.clip.train import CLASS_NAMES, TRAIN_TEMPLATES, captions, load_digits_
 from impl.clip.train import TrainConfig as ClipTrainConfig
 from impl.clip.train import train as train_clip
 from impl.common import resolve_device, seed_everything
+from impl.common.checks import check_positive_int
 from impl.diffusion.digits import DigitJudge, from_model_space, image_grid, to_model_space
 from impl.diffusion.glide import EVAL_TEMPLATE, digit_prompts
 from impl.diffusion.guidance import classifier_free_guidance
@@ -240,8 +241,7 @@ def sample_prior(
     """(len(texts), D) unit CLIP image embeddings for the captions; the best of `candidates` by z_i . z_t."""
     check_texts(texts)
     check_scale("guidance_scale", guidance_scale)
-    if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
-        raise ValueError(f"candidates must be a positive int, got {candidates!r}")
+    check_positive_int("candidates", candidates)
     clip, device = unclip.clip, next(unclip.prior.parameters()).device
     n, D = len(texts), clip.config.embed_dim
     text_embeds = clip.encode_text(unclip.tokenizer.encode(texts, clip.config.context_length).to(device))
@@ -300,8 +300,7 @@ def variations(
     unclip: UnCLIP, images: torch.Tensor, per_image: int = 4, generator: torch.Generator | None = None, **decode_kw
 ) -> torch.Tensor:
     """(N, 1, 8, 8) images in [0, 1] -> (N * per_image, 1, 8, 8): each image's CLIP embedding decoded anew."""
-    if not isinstance(per_image, int) or isinstance(per_image, bool) or per_image < 1:
-        raise ValueError(f"per_image must be a positive int, got {per_image!r}")
+    check_positive_int("per_image", per_image)
     device = next(unclip.decoder.parameters()).device
     z = unclip.clip.encode_image(images.to(device))  # checks the shape
     return decode(unclip, z.repeat_interleave(per_image, dim=0), generator=generator, **decode_kw)

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from impl.common.checks import check_positive_number, check_probability, is_int
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
@@ -240,15 +242,13 @@ def _features(module: nn.Module, where: str) -> tuple[int, int]:
 
 
 def _check_hyperparameters(r, alpha, dropout, in_features: int, out_features: int, where: str) -> None:
-    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= min(in_features, out_features):
+    if not is_int(r) or not 1 <= r <= min(in_features, out_features):
         raise ValueError(
             f"r must be an int in [1, min(in_features, out_features)] = [1, {min(in_features, out_features)}] "
             f"for {where}, got {r!r}"
         )
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not alpha > 0:
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-    if not isinstance(dropout, int | float) or isinstance(dropout, bool) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    check_positive_number("alpha", alpha)
+    check_probability("dropout", dropout, high_open=True)
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -22,6 +22,8 @@ from functools import cache
 
 import torch
 
+from impl.common.checks import check_bool, is_int
+
 # The 16 NF4 levels as published in the paper's appendix E (and used verbatim by bitsandbytes). They are the
 # normalized N(0, 1) quantiles of Eq. 4 with offset 0.9677; recomputing them in fp64 agrees to within 1 fp32 ulp.
 NF4_CODE = torch.tensor(
@@ -189,8 +191,9 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         raise TypeError(f"w must be a floating-point tensor, got dtype={w.dtype}")
     if w.numel() == 0:
         raise ValueError(f"w must have at least one element, got shape {tuple(w.shape)}")
-    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 2 or blocksize % 2:
+    if not is_int(blocksize) or blocksize < 2 or blocksize % 2:
         raise ValueError(f"blocksize must be an even int >= 2 (bitsandbytes: 32..4096), got {blocksize!r}")
+    check_bool("double_quant", double_quant)
     flat = w.detach().reshape(-1).float()
     scaled, absmax = _blockwise_absmax(flat, blocksize)
     indices = _nearest_level(scaled, NF4_CODE).to(torch.uint8)

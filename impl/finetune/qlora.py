@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from impl.common.checks import check_tensor
 from impl.finetune.lora import apply_lora, find_targets
 from impl.finetune.nf4 import NF4Tensor, quantize_nf4
 
@@ -54,7 +55,7 @@ class Linear4bit(nn.Module):
             not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point
         ):
             raise TypeError(f"compute_dtype must be a floating torch.dtype or None, got {compute_dtype!r}")
-        if bias is not None and bias.shape != weight.shape[:1]:
+        if bias is not None and check_tensor("bias", bias, floating=True).shape != weight.shape[:1]:
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         nf4 = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
         self.out_features, self.in_features = weight.shape

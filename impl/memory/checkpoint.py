@@ -26,6 +26,8 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from impl.common.checks import is_int
+
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
@@ -174,7 +176,7 @@ def _run_segment(layers: Sequence[Callable], start: int, stop: int, x: Any) -> A
 
 def split_segments(n_layers: int, segments: int) -> list[int]:
     """Lengths of `segments` contiguous segments covering `n_layers` layers, as equal as possible."""
-    if isinstance(segments, bool) or not isinstance(segments, int):
+    if not is_int(segments):
         raise TypeError(f"segments must be an int, got {type(segments).__name__}")
     if not 1 <= segments <= n_layers:
         raise ValueError(f"segments must be between 1 and the number of layers ({n_layers}), got {segments}")

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from impl.common.checks import check_one_of, is_int
 from impl.memory.checkpoint import _Frame, split_segments
 
 POLICIES = ("none", "every", "every_k", "sqrt")
@@ -48,8 +49,7 @@ def find_blocks(model: nn.Module, blocks: str | None = None) -> nn.ModuleList:
 
 def segment_lengths(n_layers: int, policy: str, k: int | None = None) -> list[int]:
     """How `policy` cuts `n_layers` blocks into checkpointed segments ([] for `none`)."""
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    check_one_of("policy", policy, POLICIES)
     if (k is not None) != (policy == "every_k"):
         raise ValueError(f"k must be given with policy='every_k' and only with it, got k={k!r} for {policy!r}")
     if policy == "none" or n_layers == 0:
@@ -58,7 +58,7 @@ def segment_lengths(n_layers: int, policy: str, k: int | None = None) -> list[in
         return [1] * n_layers
     if policy == "sqrt":
         return split_segments(n_layers, max(1, round(math.sqrt(n_layers))))
-    if isinstance(k, bool) or not isinstance(k, int):
+    if not is_int(k):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= n_layers:
         raise ValueError(f"k must be between 1 and the number of layers ({n_layers}), got {k}")

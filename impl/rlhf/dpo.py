@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from impl.common.checks import check_positive_number
 from impl.gpt import GPT
 from impl.rlhf.losses import dpo_loss
 from impl.rlhf.models import completion_logprobs
@@ -25,8 +26,7 @@ class DPOConfig:
     max_grad_norm: float = 1.0  # global gradient-norm clip per step
 
     def __post_init__(self) -> None:
-        if not isinstance(self.beta, int | float) or isinstance(self.beta, bool) or not self.beta > 0:
-            raise ValueError(f"DPOConfig.beta must be a positive number, got {self.beta!r}")
+        check_positive_number("DPOConfig.beta", self.beta)
         if not self.lr > 0 or not self.max_grad_norm > 0:
             raise ValueError(
                 f"DPOConfig.lr and max_grad_norm must be positive, got {self.lr!r}, {self.max_grad_norm!r}"

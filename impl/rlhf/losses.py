@@ -19,6 +19,8 @@ All losses are means over the batch (and over tokens for PPO); completions have 
 import torch
 import torch.nn.functional as F
 
+from impl.common.checks import check_bool, check_number, check_positive_number, check_probability
+
 _KL_ESTIMATORS = ("k1", "k3")
 
 
@@ -36,16 +38,6 @@ def _check_tensors(**tensors: torch.Tensor) -> torch.Size:
         elif t.shape != shape:
             raise ValueError(f"{name} must have the shape of {first} {tuple(shape)}, got {tuple(t.shape)}")
     return shape
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-
-
-def _check_unit(name: str, value: float) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -77,7 +69,8 @@ def dpo_loss(
     )
     if len(shape) != 1 or shape[0] == 0:
         raise ValueError(f"policy_chosen_logps must have shape (batch,) with batch >= 1, got {tuple(shape)}")
-    _check_positive("beta", beta)
+    check_positive_number("beta", beta)
+    check_bool("ipo", ipo)
     chosen_logratio = policy_chosen_logps - ref_chosen_logps
     rejected_logratio = policy_rejected_logps - ref_rejected_logps
     logits = chosen_logratio - rejected_logratio  # (B,)
@@ -92,8 +85,8 @@ def gae(
     _check_tensors(rewards=rewards, values=values)
     if rewards.dim() != 2:
         raise ValueError(f"rewards must have shape (batch, time), got {tuple(rewards.shape)}")
-    _check_unit("gamma", gamma)
-    _check_unit("lam", lam)
+    check_probability("gamma", gamma)
+    check_probability("lam", lam)
     rewards, values = rewards.detach(), values.detach()
     advantages = torch.zeros_like(rewards)
     next_value = torch.zeros_like(rewards[:, 0])  # (B,)
@@ -129,10 +122,9 @@ def ppo_loss(
         old_values=old_values,
         returns=returns,
     )
-    _check_positive("clip_range", clip_range)
-    _check_positive("clip_range_value", clip_range_value)
-    if not isinstance(vf_coef, int | float) or isinstance(vf_coef, bool) or vf_coef < 0:
-        raise ValueError(f"vf_coef must be a non-negative number, got {vf_coef!r}")
+    check_positive_number("clip_range", clip_range)
+    check_positive_number("clip_range_value", clip_range_value)
+    check_number("vf_coef", vf_coef, low=0)
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     policy_losses = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))

@@ -14,13 +14,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from impl.common.checks import is_int
 from impl.gpt import GPT, GPTConfig
 
 _POOLS = ("last", "mean")
 
 
 def _check_prompt_len(idx: torch.Tensor, prompt_len: int) -> None:
-    if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or not 1 <= prompt_len < idx.shape[1]:
+    if not is_int(prompt_len) or not 1 <= prompt_len < idx.shape[1]:
         raise ValueError(
             f"prompt_len must be an int in [1, {idx.shape[1]}) for sequences of that length, got {prompt_len!r}"
         )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from impl.common.checks import check_positive_int
 from impl.gpt import GPT
 from impl.rlhf.losses import bradley_terry_loss, gae, kl_penalty, ppo_loss
 from impl.rlhf.models import RewardModel, completion_logprobs, sample_completions
@@ -74,9 +75,7 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         for name in ("completion_len", "epochs", "minibatch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"PPOConfig.{name} must be a positive int, got {value!r}")
+            check_positive_int(f"PPOConfig.{name}", getattr(self, name))
         for name in ("lr", "clip_range", "clip_range_value", "max_grad_norm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"PPOConfig.{name} must be positive, got {getattr(self, name)!r}")
