@@ -117,7 +117,7 @@ class Prior(nn.Module):
         B, D = z_t.shape
         if text_embeds.shape != (B, D):
             raise ValueError(f"text_embeds must have shape ({B}, {D}), got {tuple(text_embeds.shape)}")
-        time = self.time_mlp(timestep_embedding(t, self.config.width))
+        time = self.time_mlp(timestep_embedding(t, self.config.width).to(z_t.dtype))  # (B, W), in the input's dtype
         seq = torch.stack([self.in_text(text_embeds), time, self.in_image(z_t), self.query.expand(B, -1)], dim=1)
         causal = nn.Transformer.generate_square_subsequent_mask(4, device=z_t.device)
         h = self.blocks(seq + self.pos_emb, mask=causal, is_causal=True)  # (B, 4, W)
