@@ -283,3 +283,13 @@ def test_nf4_nan_spreads_over_its_block_as_in_bitsandbytes():
     out = quantize_nf4(w, blocksize=64).dequantize().reshape(-1)
     assert out[64:128].isnan().all()
     assert not out[:64].isnan().any() and not out[128:].isnan().any()
+
+
+def test_nf4_nan_block_matches_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(256)
+    w[70] = NAN
+    packed, state = bnb.quantize_4bit(w.reshape(1, -1), blocksize=64, quant_type="nf4")  # raises nothing
+    reference = bnb.dequantize_4bit(packed, state).reshape(-1)
+    ours = quantize_nf4(w, blocksize=64).dequantize().reshape(-1)
+    assert torch.equal(ours.isnan(), reference.isnan())

@@ -66,10 +66,6 @@ def _check_docs(docs: Sequence[Sequence[int]]) -> list[list[int]]:
     return out
 
 
-def _check_seq_len(seq_len: int) -> None:
-    check_positive_int("seq_len", seq_len)
-
-
 def _pieces(docs: list[list[int]], seq_len: int, long_docs: str) -> list[tuple[int, list[int]]]:
     """(document index, tokens) pieces no longer than seq_len; an over-long document is split or rejected."""
     pieces = []
@@ -118,7 +114,7 @@ def pack_documents(
     """Pack token-id documents into rows of seq_len; returns input ids, restarting position ids and document ids
     (-1 at padding), each (rows, seq_len). A document over seq_len is rejected or split (`long_docs`)."""
     docs = _check_docs(docs)
-    _check_seq_len(seq_len)
+    check_positive_int("seq_len", seq_len)
     check_one_of("strategy", strategy, STRATEGIES)
     check_one_of("long_docs", long_docs, LONG_DOCS)
     check_int("pad_id", pad_id, low=-TOKEN_LIMIT, high=TOKEN_LIMIT, high_open=True)

@@ -184,7 +184,10 @@ def expected_bits_per_param(blocksize: int = 64, double_quant: bool = False) -> 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
     """Quantize a floating-point tensor of any shape to NF4 in blocks of `blocksize` consecutive values (a last
-    partial block keeps its own constant), optionally double-quantizing the constants."""
+    partial block keeps its own constant), optionally double-quantizing the constants.
+
+    NaN is not refused: a NaN makes its block's absmax NaN, so that whole block (and nothing else) dequantizes to
+    NaN, as bitsandbytes' quantize_4bit does; check `torch.isfinite(w).all()` first if a weight may hold one."""
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
     if not w.is_floating_point():
