@@ -16,12 +16,15 @@ from torch import nn
 
 from impl.attention import attention, flash_attention_torch, naive_attention
 from impl.clip import clip_loss, nt_xent_loss
+from impl.clip.model import CLIPConfig
 from impl.data import document_mask, exact_duplicates, minhash_signatures, near_duplicates, pack_documents
-from impl.diffusion import DDIMScheduler, DDPMScheduler, classifier_free_guidance, img2img
+from impl.diffusion import DDIMScheduler, DDPMScheduler, classifier_free_guidance, glide, img2img, unclip
+from impl.diffusion.unet import UNetConfig
 from impl.finetune import Linear4bit, LoRALinear, apply_lora, apply_qlora, quantize_nf4
 from impl.generation import KVCache, Llama, LlamaConfig, generate
+from impl.gpt.model import GPTConfig
 from impl.memory import apply_checkpointing, checkpoint, checkpoint_sequential
-from impl.rlhf import bradley_terry_loss, dpo_loss, gae, ppo_loss
+from impl.rlhf import RewardModel, bradley_terry_loss, dpo_loss, gae, ppo_loss
 
 NAN = math.nan
 VOCAB = 11
@@ -35,6 +38,21 @@ def llama() -> Llama:
         intermediate_size=16, max_position_embeddings=16,
     )  # fmt: skip
     return Llama(config).eval()
+
+
+@functools.cache
+def tiny_glide() -> glide.Glide:
+    tokenizer = glide.make_tokenizer()
+    torch.manual_seed(0)
+    unet = UNetConfig(channels=8, emb_dim=16, groups=4)
+    config = glide.GlideConfig(vocab_size=len(tokenizer), text_width=16, text_layers=1, unet=unet)
+    schedule = dict(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    return glide.Glide(glide.GlideModel(config).eval(), tokenizer, schedule, [])
+
+
+def glide_sample(texts=("a seven",), **kw):
+    texts = list(texts) if isinstance(texts, tuple) else texts
+    return glide.sample(tiny_glide(), texts, **{"num_inference_steps": 1, **kw})
 
 
 def ids(*rows) -> torch.Tensor:
@@ -176,6 +194,7 @@ CASES = [
     ("DDIM step timestep two values", lambda: ddim_step(timestep=torch.tensor([901, 801])), "timestep"),
     ("DDIM step timestep 1000", lambda: ddim_step(timestep=1000), "timestep"),
     ("DDIM step timestep bool", lambda: ddim_step(timestep=True), "timestep"),
+    ("DDPM step generator int", lambda: DDPMScheduler().step(torch.zeros(1), 5, torch.zeros(1), 0), "generator"),
     ("DDPM step sample list", lambda: DDPMScheduler().step(torch.zeros(1), 5, [0.0]), "sample"),
     ("add_noise t >= T (issue 19)", lambda: add_noise(torch.tensor([1000, 5])), "timesteps"),
     ("add_noise t negative", lambda: add_noise(torch.tensor([-1, 5])), "timesteps"),
@@ -202,6 +221,21 @@ CASES = [
     ("img2img eta negative", lambda: sd_img2img(eta=-1.0), "eta"),
     ("img2img output_type", lambda: sd_img2img(output_type="np"), "output_type"),
     ("img2img image str", lambda: sd_img2img(image="cat.png"), "image"),
+    ("glide texts None", lambda: glide_sample(texts=None), "texts"),
+    ("glide texts str", lambda: glide_sample(texts="a seven"), "texts"),
+    ("glide guidance_scale nan", lambda: glide_sample(guidance_scale=NAN), "guidance_scale"),
+    ("glide clip_guidance_scale str", lambda: glide_sample(clip_guidance_scale="1"), "clip_guidance_scale"),
+    ("glide clip missing", lambda: glide_sample(clip_guidance_scale=1.0), "clip_guidance_scale"),
+    ("glide steps 0", lambda: glide_sample(num_inference_steps=0), "num_inference_steps"),
+    ("glide steps float", lambda: glide_sample(num_inference_steps=1.0), "num_inference_steps"),
+    ("glide sampler", lambda: glide_sample(sampler="euler"), "sampler"),
+    ("glide eta nan", lambda: glide_sample(eta=NAN), "eta"),
+    ("glide generator int", lambda: glide_sample(generator=1), "generator"),
+    ("glide progress str", lambda: glide_sample(progress="no"), "progress"),
+    ("unclip prior candidates 0", lambda: unclip.sample_prior(None, ["a"], candidates=0), "candidates"),
+    ("unclip prior candidates float", lambda: unclip.sample_prior(None, ["a"], candidates=2.0), "candidates"),
+    ("unclip prior guidance nan", lambda: unclip.sample_prior(None, ["a"], guidance_scale=NAN), "guidance_scale"),
+    ("unclip variations per_image 0", lambda: unclip.variations(None, torch.zeros(1, 1, 8, 8), 0), "per_image"),
     # finetune
     ("quantize_nf4 w list", lambda: quantize_nf4([1.0, 2.0]), "w"),
     ("quantize_nf4 w int", lambda: quantize_nf4(torch.ones(4, dtype=torch.long)), "w"),
@@ -240,7 +274,11 @@ CASES = [
     ("clip_loss shapes", lambda: clip_loss(torch.zeros(2, 3), torch.zeros(3, 3), 1.0), "text_embeds"),
     ("nt_xent temperature 0", lambda: nt_xent_loss(torch.zeros(2, 3), torch.zeros(2, 3), 0.0), "temperature"),
     ("nt_xent temperature nan", lambda: nt_xent_loss(torch.zeros(2, 3), torch.zeros(2, 3), NAN), "temperature"),
+    ("CLIPConfig embed_dim 0", lambda: CLIPConfig(embed_dim=0), "embed_dim"),
+    ("CLIPConfig width float", lambda: CLIPConfig(width=64.0), "width"),
+    ("CLIPConfig logit_scale_init nan", lambda: CLIPConfig(logit_scale_init=NAN), "logit_scale_init"),
     # rlhf
+    ("RewardModel pool", lambda: RewardModel(GPTConfig(n_layer=1, n_head=1, n_embd=4, block_size=4), pool="x"), "pool"),
     ("bradley_terry list", lambda: bradley_terry_loss([0.0], torch.zeros(1)), "chosen_rewards"),
     ("bradley_terry int", lambda: bradley_terry_loss(*pair()[:1], torch.zeros(3, dtype=torch.long)), "rejected"),
     ("dpo beta 0", lambda: dpo_loss(*pair(), *pair(), beta=0), "beta"),

@@ -115,7 +115,7 @@ def test_losses_reject_bad_input(loss):
         loss(torch.randn(4, 8), torch.randn(4, 6), 1.0)
     with pytest.raises(ValueError, match=r"must have shape \(batch, dim\), got shape \(4,\)"):
         loss(torch.randn(4), torch.randn(4), 1.0)
-    with pytest.raises(TypeError, match="must be a floating-point tensor, got dtype torch.int64"):
+    with pytest.raises(TypeError, match="must be a floating-point tensor, got torch.int64"):
         loss(torch.ones(4, 8, dtype=torch.long), torch.randn(4, 8), 1.0)
     with pytest.raises(TypeError, match="must be a torch.Tensor, got list"):
         loss([[1.0]], torch.randn(1, 1), 1.0)

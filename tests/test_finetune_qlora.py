@@ -109,7 +109,7 @@ def test_measured_bytes_of_nf4_model_match_formula():
 
 
 def test_linear4bit_rejects_bad_input():
-    with pytest.raises(TypeError, match=r"w must be a floating-point tensor, got dtype=torch.int64"):
+    with pytest.raises(TypeError, match=r"w must be a floating-point tensor, got torch.int64"):
         Linear4bit(torch.zeros(4, 64, dtype=torch.long))
     with pytest.raises(ValueError, match=r"weight must be a 2-D \(out_features, in_features\) tensor, got \(64,\)"):
         Linear4bit(torch.randn(64))

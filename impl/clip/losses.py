@@ -12,7 +12,7 @@ other 2N - 2 views; the loss is averaged over all 2N anchors.
 import torch
 import torch.nn.functional as F
 
-from impl.common.checks import check_positive_number
+from impl.common.checks import check_positive_number, check_tensor
 
 # How far from 1 a row's norm may be for a tensor to count as L2-normalized.
 UNIT_NORM_ATOL = 1e-3
@@ -20,12 +20,7 @@ UNIT_NORM_ATOL = 1e-3
 
 def _check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     for name, x in ((name_a, a), (name_b, b)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} must have shape (batch, dim), got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        check_tensor(name, x, shape=("batch", "dim"), floating=True)
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"{name_b} must have the batch size of {name_a} ({a.shape[0]}), got {b.shape[0]}")
     if a.shape[1] != b.shape[1]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from impl.clip.losses import clip_logits, clip_loss
+from impl.common.checks import check_number, check_positive_int
 
 PAD, UNK, EOT = "<pad>", "<unk>", "<eot>"
 
@@ -54,6 +55,10 @@ class CLIPConfig:
     logit_scale_max: float = math.log(100.0)  # CLIP clips the scale at 100
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "width", "layers", "heads", "channels", "embed_dim"):
+            check_positive_int(f"CLIPConfig.{name}", getattr(self, name))
+        check_number("CLIPConfig.logit_scale_init", self.logit_scale_init)
+        check_number("CLIPConfig.logit_scale_max", self.logit_scale_max, low=self.logit_scale_init)
         if self.width % self.heads:
             raise ValueError(f"width must be divisible by heads={self.heads}, got {self.width}")
 

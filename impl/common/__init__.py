@@ -4,6 +4,7 @@ rooflines."""
 from impl.common.checks import (
     InputTypeError,
     check_bool,
+    check_generator,
     check_int,
     check_number,
     check_one_of,
@@ -50,6 +51,7 @@ __all__ = [
     "assert_close_to_reference_error",
     "attention_flops",
     "check_bool",
+    "check_generator",
     "check_int",
     "check_number",
     "check_one_of",

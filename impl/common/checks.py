@@ -118,6 +118,13 @@ def check_bool(name: str, value: object) -> bool:
     return value
 
 
+def check_generator(name: str, value: object) -> torch.Generator | None:
+    """`value` if it is None or a torch.Generator."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise InputTypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}")
+    return value
+
+
 def check_one_of(name: str, value: object, choices: Sequence) -> object:
     """`value` if it is one of `choices` (compared by ==, but never bool for int)."""
     try:  # True == 1, so a bool matches only a bool choice
@@ -151,7 +158,8 @@ def check_tensor(
         if value.dim() != len(wanted) or any(
             isinstance(s, int) and s != n for s, n in zip(wanted, value.shape, strict=True)
         ):
-            want = "(" + ", ".join("*" if s is None else str(s) for s in wanted) + ("," if len(wanted) == 1 else "") + ")"
+            want = ", ".join("*" if s is None else str(s) for s in wanted) + ("," if len(wanted) == 1 else "")
+            want = f"({want})"
             raise ValueError(f"{name} must have shape {want}, got shape {tuple(value.shape)}")
     if dim is not None:
         dims = (dim,) if isinstance(dim, int) else tuple(dim)

@@ -20,15 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from impl.attention import attention
+from impl.common.checks import check_one_of, check_tensor
 from impl.data.packing import document_mask
 
 METHODS = ("naive", "sdpa", "segments")
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v), ("document_ids", document_ids)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, floating=True)
+    check_tensor("document_ids", document_ids, integer=True)
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
             f"q, k, v must share one (rows, heads, seq_len, head_dim) shape, got {tuple(q.shape)}, "
@@ -76,8 +77,7 @@ def packed_attention(
 ) -> torch.Tensor:
     """Document-causal attention of q, k, v (rows, heads, T, head_dim) given document_ids (rows, T);
     `method` is naive, sdpa or segments, `backend` the attention front's backend for segments."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_one_of("method", method, METHODS)
     _check(q, k, v, document_ids)
     if method == "segments":
         return _by_segments(q, k, v, document_ids, backend)

@@ -20,7 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from impl.common.checks import check_number, check_positive_int, is_number
+from impl.common.checks import (
+    check_bool,
+    check_generator,
+    check_number,
+    check_one_of,
+    check_positive_int,
+    is_number,
+)
 from impl.diffusion.schedulers import DDIMScheduler, DDPMScheduler
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,14 +57,13 @@ def check_texts(texts: list[str]) -> None:
 
 def gaussian(shape: tuple, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """N(0, I) noise drawn on the generator's device (a CPU generator reproduces on CUDA), moved to `device`."""
-    gen_device = generator.device if generator is not None else device
+    gen_device = check_generator("generator", generator).device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
 
 def make_scheduler(sampler: str, **config) -> DDIMScheduler | DDPMScheduler:
     """A DDIM or DDPM scheduler by name, with the given SchedulerConfig fields."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    check_one_of("sampler", sampler, SAMPLERS)
     return (DDIMScheduler if sampler == "ddim" else DDPMScheduler)(**config)
 
 
@@ -126,6 +132,9 @@ def denoise(
     progress: bool = False,
 ) -> torch.Tensor:
     """x_T = noise -> x_0 through `num_inference_steps` steps; `eta` is DDIM's (DDPM always adds its noise)."""
+    check_number("eta", eta, low=0)
+    check_bool("progress", progress)
+    check_generator("generator", generator)
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     x = noise
     for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):

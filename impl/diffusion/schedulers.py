@@ -20,7 +20,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from impl.common.checks import check_bool, check_int, check_number, check_one_of, check_positive_int, check_tensor
+from impl.common.checks import (
+    check_bool,
+    check_generator,
+    check_int,
+    check_number,
+    check_one_of,
+    check_positive_int,
+    check_tensor,
+)
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -75,7 +83,7 @@ def make_betas(config: SchedulerConfig) -> torch.Tensor:
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Gaussian noise shaped like x, drawn on the generator's device (so a CPU generator reproduces on CUDA)."""
-    device = generator.device if generator is not None else x.device
+    device = check_generator("generator", generator).device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 

@@ -22,7 +22,7 @@ from functools import cache
 
 import torch
 
-from impl.common.checks import check_bool, is_int
+from impl.common.checks import check_bool, check_tensor, is_int
 
 # The 16 NF4 levels as published in the paper's appendix E (and used verbatim by bitsandbytes). They are the
 # normalized N(0, 1) quantiles of Eq. 4 with offset 0.9677; recomputing them in fp64 agrees to within 1 fp32 ulp.
@@ -188,12 +188,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
 
     NaN is not refused: a NaN makes its block's absmax NaN, so that whole block (and nothing else) dequantizes to
     NaN, as bitsandbytes' quantize_4bit does; check `torch.isfinite(w).all()` first if a weight may hold one."""
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
-    if not w.is_floating_point():
-        raise TypeError(f"w must be a floating-point tensor, got dtype={w.dtype}")
-    if w.numel() == 0:
-        raise ValueError(f"w must have at least one element, got shape {tuple(w.shape)}")
+    check_tensor("w", w, floating=True, nonempty=True)
     if not is_int(blocksize) or blocksize < 2 or blocksize % 2:
         raise ValueError(f"blocksize must be an even int >= 2 (bitsandbytes: 32..4096), got {blocksize!r}")
     check_bool("double_quant", double_quant)

@@ -11,6 +11,7 @@ import torch
 
 from impl.common.checks import (
     check_bool,
+    check_generator,
     check_int,
     check_number,
     check_positive_int,
@@ -54,8 +55,7 @@ def _check(
         check_probability("top_p", top_p, low_open=True)
     if eos_token_id is not None:
         check_int("eos_token_id", eos_token_id, low=0, high=vocab, high_open=True)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    check_generator("generator", generator)
 
 
 @torch.no_grad()

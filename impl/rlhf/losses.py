@@ -19,7 +19,7 @@ All losses are means over the batch (and over tokens for PPO); completions have 
 import torch
 import torch.nn.functional as F
 
-from impl.common.checks import check_bool, check_number, check_positive_number, check_probability
+from impl.common.checks import check_bool, check_number, check_positive_number, check_probability, check_tensor
 
 _KL_ESTIMATORS = ("k1", "k3")
 
@@ -29,10 +29,7 @@ def _check_tensors(**tensors: torch.Tensor) -> torch.Size:
     shape = None
     first = None
     for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        check_tensor(name, t, floating=True)
         if shape is None:
             shape, first = t.shape, name
         elif t.shape != shape:
