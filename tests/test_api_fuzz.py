@@ -25,6 +25,9 @@ from impl.generation import KVCache, Llama, LlamaConfig, generate
 from impl.gpt.model import GPTConfig
 from impl.memory import apply_checkpointing, checkpoint, checkpoint_sequential
 from impl.rlhf import RewardModel, bradley_terry_loss, dpo_loss, gae, ppo_loss
+from impl.rlhf.dpo import DPOConfig
+from impl.rlhf.losses import kl_penalty
+from impl.rlhf.ppo import PPOConfig
 
 NAN = math.nan
 VOCAB = 11
@@ -289,6 +292,12 @@ CASES = [
     ("gae shapes", lambda: gae(torch.zeros(1, 3), torch.zeros(1, 2)), "values"),
     ("ppo clip_range 0", lambda: ppo(clip_range=0), "clip_range"),
     ("ppo vf_coef nan", lambda: ppo(vf_coef=NAN), "vf_coef"),
+    ("kl_penalty estimator", lambda: kl_penalty(*pair(), estimator="k2"), "estimator"),
+    ("PPOConfig lr nan", lambda: PPOConfig(lr=NAN), "lr"),
+    ("PPOConfig lr str", lambda: PPOConfig(lr="1e-3"), "lr"),
+    ("PPOConfig gamma 2", lambda: PPOConfig(gamma=2.0), "gamma"),
+    ("DPOConfig lr 0", lambda: DPOConfig(lr=0), "lr"),
+    ("DPOConfig ipo str", lambda: DPOConfig(ipo="no"), "ipo"),
 ]  # fmt: skip
 
 

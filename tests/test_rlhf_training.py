@@ -123,7 +123,7 @@ def test_identical_and_mismatched_pairs_are_refused(world):
         train_reward_model(RewardModel.from_gpt(world.policy), chosen, same, PROMPT_LEN, steps=1)
     with pytest.raises(ValueError, match=r"DPOConfig.beta must be a positive number, got 0"):
         DPOConfig(beta=0)
-    with pytest.raises(ValueError, match=r"PPOConfig.kl_coef must be non-negative, got -0.1"):
+    with pytest.raises(ValueError, match=r"PPOConfig.kl_coef must be a number >= 0, got -0.1"):
         PPOConfig(kl_coef=-0.1)
 
 

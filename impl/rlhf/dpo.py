@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from impl.common.checks import check_positive_number
+from impl.common.checks import check_bool, check_positive_number
 from impl.gpt import GPT
 from impl.rlhf.losses import dpo_loss
 from impl.rlhf.models import completion_logprobs
@@ -27,10 +27,9 @@ class DPOConfig:
 
     def __post_init__(self) -> None:
         check_positive_number("DPOConfig.beta", self.beta)
-        if not self.lr > 0 or not self.max_grad_norm > 0:
-            raise ValueError(
-                f"DPOConfig.lr and max_grad_norm must be positive, got {self.lr!r}, {self.max_grad_norm!r}"
-            )
+        check_bool("DPOConfig.ipo", self.ipo)
+        check_positive_number("DPOConfig.lr", self.lr)
+        check_positive_number("DPOConfig.max_grad_norm", self.max_grad_norm)
 
 
 class DPOTrainer:

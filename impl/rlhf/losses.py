@@ -19,7 +19,14 @@ All losses are means over the batch (and over tokens for PPO); completions have 
 import torch
 import torch.nn.functional as F
 
-from impl.common.checks import check_bool, check_number, check_positive_number, check_probability, check_tensor
+from impl.common.checks import (
+    check_bool,
+    check_number,
+    check_one_of,
+    check_positive_number,
+    check_probability,
+    check_tensor,
+)
 
 _KL_ESTIMATORS = ("k1", "k3")
 
@@ -140,8 +147,7 @@ def ppo_loss(
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from the log-probabilities of tokens sampled from pi."""
     _check_tensors(logprobs=logprobs, ref_logprobs=ref_logprobs)
-    if estimator not in _KL_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {_KL_ESTIMATORS}, got {estimator!r}")
+    check_one_of("estimator", estimator, _KL_ESTIMATORS)
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
         return log_ratio

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from impl.common.checks import is_int
+from impl.common.checks import check_one_of, is_int
 from impl.gpt import GPT, GPTConfig
 
 _POOLS = ("last", "mean")
@@ -32,8 +32,7 @@ class RewardModel(nn.Module):
 
     def __init__(self, config: GPTConfig, pool: str = "last"):
         super().__init__()
-        if pool not in _POOLS:
-            raise ValueError(f"pool must be one of {_POOLS}, got {pool!r}")
+        check_one_of("pool", pool, _POOLS)
         self.gpt = GPT(config)  # its lm_head is tied to wte, so it adds no parameters; it is never called
         self.head = nn.Linear(config.n_embd, 1)
         nn.init.zeros_(self.head.weight)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from impl.common.checks import check_positive_int
+from impl.common.checks import check_number, check_positive_int, check_positive_number, check_probability
 from impl.gpt import GPT
 from impl.rlhf.losses import bradley_terry_loss, gae, kl_penalty, ppo_loss
 from impl.rlhf.models import RewardModel, completion_logprobs, sample_completions
@@ -77,10 +77,11 @@ class PPOConfig:
         for name in ("completion_len", "epochs", "minibatch_size"):
             check_positive_int(f"PPOConfig.{name}", getattr(self, name))
         for name in ("lr", "clip_range", "clip_range_value", "max_grad_norm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"PPOConfig.{name} must be positive, got {getattr(self, name)!r}")
-        if self.kl_coef < 0:
-            raise ValueError(f"PPOConfig.kl_coef must be non-negative, got {self.kl_coef!r}")
+            check_positive_number(f"PPOConfig.{name}", getattr(self, name))
+        for name in ("kl_coef", "vf_coef"):
+            check_number(f"PPOConfig.{name}", getattr(self, name), low=0)
+        for name in ("gamma", "lam"):
+            check_probability(f"PPOConfig.{name}", getattr(self, name))
 
 
 def _whiten(x: torch.Tensor) -> torch.Tensor:
