@@ -9,6 +9,10 @@ from impl.common import tolerance
 from impl.generation import Llama, generate
 
 VOCAB = 97
+# Greedy token identity over 48 steps holds on any CPU only while no step is a near-tie: measured, the smallest
+# top-1 minus top-2 logit gap along these continuations is 2.8e-4 (mha, left-padded), 28x the fp32 atol that
+# bounds our logits against transformers' (identical on the CPU measured, 1 or 2 threads). Each step restarts
+# from equal tokens, so rounding does not compound the way it does in a diffusion chain.
 NEW_TOKENS = 48
 
 # kv_heads == heads is plain multi-head attention; fewer is GQA; 1 is multi-query.
