@@ -20,10 +20,20 @@ from impl.clip.model import CLIPConfig
 from impl.data import document_mask, exact_duplicates, minhash_signatures, near_duplicates, pack_documents
 from impl.diffusion import DDIMScheduler, DDPMScheduler, classifier_free_guidance, glide, img2img, unclip
 from impl.diffusion.unet import UNetConfig
-from impl.finetune import Linear4bit, LoRALinear, apply_lora, apply_qlora, quantize_nf4
+from impl.finetune import (
+    Linear4bit,
+    LoRALinear,
+    apply_lora,
+    apply_qlora,
+    merge_lora,
+    quantize_nf4,
+    save_adapter,
+    trainable_parameters,
+    unmerge_lora,
+)
 from impl.generation import KVCache, Llama, LlamaConfig, generate
 from impl.gpt.model import GPTConfig
-from impl.memory import apply_checkpointing, checkpoint, checkpoint_sequential
+from impl.memory import apply_checkpointing, checkpoint, checkpoint_sequential, saved_tensor_bytes
 from impl.rlhf import RewardModel, bradley_terry_loss, dpo_loss, gae, ppo_loss
 from impl.rlhf.dpo import DPOConfig
 from impl.rlhf.losses import kl_penalty
@@ -150,6 +160,8 @@ CASES = [
     ("generate use_cache str", lambda: gen(use_cache="no"), "use_cache"),
     ("generate generator int", lambda: gen(temperature=1.0, generator=0), "generator"),
     ("generate mask shape", lambda: gen(attention_mask=torch.ones(1, 2)), "attention_mask"),
+    ("Llama forward id >= vocab", lambda: llama()(ids([1, VOCAB])), "input_ids"),
+    ("Llama forward float ids", lambda: llama()(torch.zeros(1, 2)), "input_ids"),
     ("generate model", lambda: generate(nn.Linear(2, 2), ids([1]), max_new_tokens=1), "model"),
     ("LlamaConfig vocab_size 0", lambda: LlamaConfig(vocab_size=0), "vocab_size"),
     ("LlamaConfig hidden_size float", lambda: LlamaConfig(hidden_size=8.0), "hidden_size"),
@@ -224,6 +236,8 @@ CASES = [
     ("img2img eta negative", lambda: sd_img2img(eta=-1.0), "eta"),
     ("img2img output_type", lambda: sd_img2img(output_type="np"), "output_type"),
     ("img2img image str", lambda: sd_img2img(image="cat.png"), "image"),
+    ("UNetConfig channels 0", lambda: UNetConfig(channels=0), "channels"),
+    ("UNetConfig dropout nan", lambda: UNetConfig(dropout=NAN), "dropout"),
     ("glide texts None", lambda: glide_sample(texts=None), "texts"),
     ("glide texts str", lambda: glide_sample(texts="a seven"), "texts"),
     ("glide guidance_scale nan", lambda: glide_sample(guidance_scale=NAN), "guidance_scale"),
@@ -255,6 +269,10 @@ CASES = [
     ("LoRALinear dropout 1", lambda: lora(dropout=1.0), "dropout"),
     ("LoRALinear dropout nan", lambda: lora(dropout=NAN), "dropout"),
     ("LoRALinear base_layer", lambda: LoRALinear(nn.ReLU(), r=1, alpha=1), "base_layer"),
+    ("merge_lora model", lambda: merge_lora(None), "model"),
+    ("unmerge_lora model", lambda: unmerge_lora("model"), "model"),
+    ("trainable_parameters model", lambda: trainable_parameters(None), "model"),
+    ("save_adapter model", lambda: save_adapter(None, "unused"), "model"),
     ("apply_lora target missing", lambda: apply_lora(Blocks(), "q_proj", r=1, alpha=1), "target_modules"),
     ("apply_lora r 0", lambda: apply_lora(Blocks(), "0", r=0, alpha=1), "r"),
     ("apply_qlora alpha nan", lambda: apply_qlora(Blocks(), "0", r=1, alpha=NAN), "alpha"),
@@ -272,6 +290,8 @@ CASES = [
     ("apply_checkpointing k 0", lambda: apply_checkpointing(Blocks(), "every_k", k=0), "k"),
     ("apply_checkpointing k float", lambda: apply_checkpointing(Blocks(), "every_k", k=1.0), "k"),
     ("apply_checkpointing blocks", lambda: apply_checkpointing(Blocks(), "every", blocks="h"), "blocks"),
+    ("saved_tensor_bytes exclude int", lambda: saved_tensor_bytes(exclude=5).__enter__(), "exclude"),
+    ("saved_tensor_bytes exclude list of str", lambda: saved_tensor_bytes(exclude=["a"]).__enter__(), "exclude"),
     # clip
     ("clip_loss list", lambda: clip_loss([1.0], torch.zeros(2, 3), 1.0), "image_embeds"),
     ("clip_loss shapes", lambda: clip_loss(torch.zeros(2, 3), torch.zeros(3, 3), 1.0), "text_embeds"),

@@ -118,6 +118,14 @@ def check_bool(name: str, value: object) -> bool:
     return value
 
 
+def check_instance(name: str, value: object, cls: type | tuple[type, ...], what: str | None = None) -> object:
+    """`value` if it is an instance of `cls`; `what` describes the expected kind in the message."""
+    if not isinstance(value, cls):
+        what = what or " or ".join(c.__name__ for c in (cls if isinstance(cls, tuple) else (cls,)))
+        raise InputTypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return value
+
+
 def check_generator(name: str, value: object) -> torch.Generator | None:
     """`value` if it is None or a torch.Generator."""
     if value is not None and not isinstance(value, torch.Generator):

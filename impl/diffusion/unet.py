@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from impl.common.checks import check_int, check_positive_int, check_probability
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """(B,) timesteps -> (B, dim) sinusoids [cos | sin] at geometric frequencies 1 .. 1/max_period."""
@@ -40,6 +42,10 @@ class UNetConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("in_channels", "channels", "emb_dim", "heads", "groups"):
+            check_positive_int(f"UNetConfig.{name}", getattr(self, name))
+        check_int("UNetConfig.context_dim", self.context_dim, low=0)
+        check_probability("UNetConfig.dropout", self.dropout, high_open=True)
         if self.channels % self.groups or (2 * self.channels) % self.heads:
             raise ValueError(
                 f"channels must be divisible by groups={self.groups} and 2*channels by heads={self.heads}, "

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from impl.common.checks import check_positive_number, check_probability, is_int
+from impl.common.checks import check_instance, check_positive_number, check_probability, is_int
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -166,6 +166,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a 4-bit weight counts by its number of values, not its bytes."""
+    check_instance("model", model, nn.Module, "an nn.Module")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     total += sum(getattr(m, "n_quantized_params", 0) for m in model.modules())
@@ -227,6 +228,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
 
 def _lora_layers(model: nn.Module, op: str) -> dict[str, LoRALinear]:
+    check_instance("model", model, nn.Module, "an nn.Module")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     if not layers:
         raise ValueError(f"{op}: model has no LoRA layers; call apply_lora first")

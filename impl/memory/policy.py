@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from impl.common.checks import check_one_of, is_int
+from impl.common.checks import check_instance, check_one_of, is_int
 from impl.memory.checkpoint import _Frame, split_segments
 
 POLICIES = ("none", "every", "every_k", "sqrt")
@@ -115,8 +115,7 @@ def apply_checkpointing(model: nn.Module, policy: str, *, k: int | None = None, 
     """Checkpoint the model's blocks by `policy` (`none`, `every`, `every_k` with `k`, `sqrt`); returns the model.
 
     Applying again replaces the previous policy; `none` removes it."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_instance("model", model, nn.Module, "an nn.Module")
     stack = find_blocks(model, blocks)
     lengths = segment_lengths(len(stack), policy, k)
     for block in stack:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
+from impl.common.checks import check_tensor
+
 
 @dataclass
 class SavedBytes:
@@ -35,7 +37,9 @@ def saved_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[SavedBy
     """Count the distinct storages autograd saves for backward inside the block; storages of `exclude`
     (typically `model.parameters()`, which exist anyway) are left out. Usage:
     `with saved_tensor_bytes(exclude=model.parameters()) as saved: loss = model(x)`, then `saved.bytes`."""
-    skip = {_key(t) for t in exclude}
+    if isinstance(exclude, torch.Tensor) or not isinstance(exclude, Iterable):
+        raise TypeError(f"exclude must be an iterable of tensors (model.parameters()...), got {type(exclude).__name__}")
+    skip = {_key(check_tensor("exclude[i]", t)) for t in exclude}
     result = SavedBytes()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
