@@ -67,6 +67,8 @@ def test_number_messages_name_the_interval_and_the_value():
         check_number("scale", "3")
     with pytest.raises(InputTypeError, match=r"scale must be a finite number, got True"):
         check_number("scale", True)
+    with pytest.raises(ValueError, match=r"x must be a finite number, got 1000"):
+        check_number("x", 10**400)
     assert check_number("x", np.float32(0.5)) == 0.5 and check_number("x", math.inf, finite=False) == math.inf
 
 

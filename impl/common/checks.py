@@ -92,7 +92,10 @@ def check_number(
         expected += _interval(low, high, low_open, high_open)
     if not is_number(value):
         raise InputTypeError(f"{name} must be {expected}, got {_got_type(value)}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(f"{name} must be {expected}, got {show(value)}") from None
     bad = math.isnan(number) or (finite and math.isinf(number))
     bad = bad or (low is not None and (number <= low if low_open else number < low))
     bad = bad or (high is not None and (number >= high if high_open else number > high))
