@@ -21,6 +21,7 @@ from tqdm import tqdm
 from impl.clip.losses import check_unit_norm
 from impl.clip.model import CLIP, CLIPConfig, WordTokenizer
 from impl.common import resolve_device, seed_everything
+from impl.common.checks import check_number, check_positive_int, check_positive_number, check_probability
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TRAIN_TEMPLATES = (
@@ -48,11 +49,10 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
-        if not 0 < self.test_fraction < 1:
-            raise ValueError(f"TrainConfig.test_fraction must be in (0, 1), got {self.test_fraction!r}")
+            check_positive_int(f"TrainConfig.{name}", getattr(self, name))
+        check_positive_number("TrainConfig.lr", self.lr)
+        check_number("TrainConfig.weight_decay", self.weight_decay, low=0)
+        check_probability("TrainConfig.test_fraction", self.test_fraction, low_open=True, high_open=True)
 
 
 @dataclass
