@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from impl.common.checks import check_positive_int, check_positive_number, check_tensor, check_token_ids
+from impl.common.checks import check_positive_int, check_positive_number, check_tensor
 from impl.generation.cache import KVCache
 
 
@@ -239,9 +239,9 @@ class Llama(nn.Module):
         True where a slot holds a real token (default: all do); `cache` holds slots [0, start) from earlier
         calls and receives the new ones; without a cache, `start` must be 0.
         """
+        # Ids must lie in [0, vocab_size): generate() checks them once; a check here would sync the device on
+        # every call, prefill and decode alike.
         check_tensor("input_ids", input_ids, shape=("batch", "seq"), integer=True)
-        if cache is None or start == 0:  # ids from outside enter here; decode steps feed back sampled ones
-            check_token_ids("input_ids", input_ids, self.config.vocab_size)
         B, T = input_ids.shape
         if cache is None and start != 0:
             raise ValueError(f"start must be 0 without a cache, got {start}")
