@@ -17,6 +17,7 @@ from impl.common.checks import (
     check_positive_int,
     check_probability,
     check_token_ids,
+    show,
 )
 from impl.generation.model import Llama
 from impl.generation.sampling import sample_next
@@ -28,7 +29,7 @@ def _check(
     if not isinstance(model, Llama):
         raise TypeError(f"model must be an impl.generation.Llama, got {type(model).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else input_ids
+        got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else show(input_ids)
         raise ValueError(f"input_ids must be a (batch, seq) int64 tensor, got {got}")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids must hold at least one token per row, got seq length 0")
