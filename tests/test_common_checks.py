@@ -129,6 +129,15 @@ def test_token_ids():
         check_token_list("doc", "abc")
 
 
+def test_seed_everything_refuses_what_torch_cannot_take():
+    from impl.common import seed_everything
+
+    with pytest.raises(ValueError, match=r"seed must be an int in \[-9223372036854775808, 1844.*\], got 1844"):
+        seed_everything(2**64)
+    with pytest.raises(TypeError, match=r"seed must be an int"):
+        seed_everything(1.0)
+
+
 def test_long_values_are_cut_in_messages():
     with pytest.raises(InputTypeError) as caught:
         check_positive_int("n", "x" * 500)
