@@ -2,9 +2,12 @@
 
 python -m impl --help          this list
 python -m impl NAME [ARGS...]  run one (each takes --help)
+
+Bad input exits 2 with one `error:` line, Ctrl-C exits 130; --debug or IMPL_DEBUG=1 shows tracebacks.
 """
 
 import importlib
+import os
 import sys
 
 # name -> (module with a `main(argv)`, one line on what it does). Add each new entry point here.
@@ -37,8 +40,36 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+# (module, class) of further user-caused failures.
+USER_ERRORS = (
+    ("impl.training.checkpoint", "CheckpointError"),
+    ("safetensors", "SafetensorError"),
+    ("torch", "OutOfMemoryError"),
+)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Failures the user can fix (bad input, a file, a full disk, a corrupt checkpoint): one line.
+    Looked up among the modules already imported, so `python -m impl --help` imports nothing heavy."""
+    found: list[type[BaseException]] = [ValueError, TypeError, OSError]  # OSError: missing, read-only, disk full
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return tuple(found)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if isinstance(err, (ValueError, TypeError)) else f"{type(err).__name__}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run one entry point. Bad input exits 2 with one `error:` line, Ctrl-C exits 130 with one line; a
+    traceback only with --debug (anywhere on the line) or IMPL_DEBUG=1, and for failures that are bugs."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("IMPL_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
@@ -47,15 +78,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown entry point {name!r}; expected one of {sorted(ENTRY_POINTS)}\n", file=sys.stderr)
         print(usage(), file=sys.stderr)
         return 2
-    module = importlib.import_module(ENTRY_POINTS[name][0])
+    from impl.common import cli
+
+    cli._prog = f"python -m impl {name}"
     try:
-        code = module.main(rest)
-    except (ValueError, TypeError, FileNotFoundError) as err:  # bad input: one line, not a traceback
-        print(
-            f"error: {err}  (python -m {module.__name__.removesuffix('.__main__')} shows the traceback)",
-            file=sys.stderr,
-        )
+        code = importlib.import_module(ENTRY_POINTS[name][0]).main(rest)
+    except SystemExit as stop:  # argparse: usage and one `error:` line already printed, code 2
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"interrupted: python -m impl {name} stopped by Ctrl-C", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug or not isinstance(err, _user_errors()):
+            raise  # a bug: the traceback is what a report needs
+        print(f"error: {_one_line(err)}  (--debug or IMPL_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
+    finally:
+        cli._prog = None
     return code if isinstance(code, int) else 0  # some mains return their results for tests
 
 

@@ -1,6 +1,12 @@
 """Training and sampling: overfitting a tiny text, a short real run, checkpoints, reproducible samples."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,8 +89,44 @@ def test_cli_writes_outputs_and_resumes(corpus, tmp_path):
     # a longer run in the same folder continues from step 4 instead of starting over
     assert train_main(["--out", str(out), "--data", str(corpus), "--no-progress", *flags, "--max-iters=6"]) == 0
     second = json.loads((out / "log.json").read_text())
-    assert second["resumed_from"] == 4 and second["steps"] == 2
+    assert second["resumed_from"] == 4 and second["steps"] == 6 and second["session_steps"] == 2
     assert [int(r.split(",")[0]) for r in (out / "losses.csv").read_text().splitlines()[1:]] == [1, 2, 3, 4, 5, 6]
+
+
+def _rows(path: Path) -> list[int]:
+    return [int(line.split(",")[0]) for line in path.read_text().splitlines()[1:]]
+
+
+def _kill_when_logged(out: Path, flags: list[str], rows: int) -> None:
+    """Start `python -m impl train` for a long run, SIGKILL it once losses.csv holds `rows` steps."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "impl", "train", "--out", str(out), *flags, "--max-iters=100000"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while not ((out / "losses.csv").is_file() and len(_rows(out / "losses.csv")) >= rows):
+            assert proc.poll() is None, f"the run ended early with code {proc.returncode}"
+            assert time.monotonic() < deadline, "the run logged too few steps in 90 s"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def test_logs_survive_sigkill_and_resume(corpus, tmp_path):
+    """Two SIGKILLs mid-run, then a resume and a rerun: one row per step and per evaluation, a whole-run report."""
+    out = tmp_path / "run"
+    run = {**TINY_RUN, "checkpoint_every": 5, "eval_interval": 5}
+    flags = ["--data", str(corpus), "--no-progress", *[f"--{k.replace('_', '-')}={v}" for k, v in run.items()]]
+    _kill_when_logged(out, flags, 13)
+    _kill_when_logged(out, flags, 22)
+    for _ in range(2):  # finish, then run the finished run again
+        assert train_main(["--out", str(out), *flags, "--max-iters=30"]) == 0
+        assert _rows(out / "losses.csv") == list(range(1, 31))
+        assert _rows(out / "evals.csv") == [5, 10, 15, 20, 25, 30]
+        log = json.loads((out / "log.json").read_text())
+        assert log["steps"] == 30 and log["tokens_per_s"] > 0
+        assert "- steps: 30 (" in (out / "report.md").read_text()
 
 
 def test_checkpoint_of_another_config_is_refused(corpus, tmp_path):

@@ -135,4 +135,4 @@ def test_cli_prints_before_and_after(shakespeare_path, capsys):
     assert all(f"{name}: rule score" in out for name in ("pretrained", "ppo", "dpo"))
     with pytest.raises(SystemExit):
         rlhf_main(["--steps", "0"])
-    assert "--steps must be a positive int, got 0" in capsys.readouterr().err
+    assert "argument --steps: must be an int >= 1, got '0'" in capsys.readouterr().err

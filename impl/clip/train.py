@@ -10,10 +10,8 @@ model never saw.
     python -m impl.clip.train --epochs 15 --out runs/clip  # accuracies, confusion.png
 """
 
-import argparse
 import sys
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -179,11 +177,17 @@ def confusion_figure(confusion: torch.Tensor, title: str = "CLIP zero-shot confu
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m impl.clip.train", description=__doc__.split("\n\n")[0])
-    for f in fields(TrainConfig):
-        if f.name != "model":
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    parser.add_argument("--out", type=Path, default=None, help="folder for confusion.png (optional)")
+    from impl.common import cli
+
+    parser = cli.parser("impl.clip.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=cli.positive_int, default=TrainConfig.epochs, help="passes over the data")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=TrainConfig.batch_size, help="pairs per step")
+    parser.add_argument("--lr", type=cli.positive_float, default=TrainConfig.lr, help="AdamW learning rate")
+    parser.add_argument("--weight-decay", type=cli.non_negative_float, default=TrainConfig.weight_decay)
+    parser.add_argument("--test-fraction", type=cli.open_unit_interval, default=TrainConfig.test_fraction)
+    parser.add_argument("--seed", type=cli.non_negative_int, default=TrainConfig.seed)
+    parser.add_argument("--device", type=cli.device, default=TrainConfig.device)
+    parser.add_argument("--out", type=cli.writable_dir, default=None, help="folder for confusion.png (optional)")
     args = parser.parse_args(argv)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "model"})
     result = train(config, progress=True)

@@ -24,11 +24,9 @@ x0_hat instead. DDPM is far less sensitive to it.
     python -m impl.diffusion.glide --steps 1500 --out runs/glide   # accuracy by guidance scale, sample grids
 """
 
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -240,18 +238,25 @@ def digit_prompts(per_digit: int, template: str = EVAL_TEMPLATE) -> tuple[list[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m impl.diffusion.glide", description=__doc__.split("\n\n")[0])
-    defaults = TrainConfig()
-    for name in ("steps", "batch_size", "lr", "p_uncond", "seed", "device"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)), default=None)
-    parser.add_argument("--guidance-scales", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 5.0])
-    parser.add_argument("--clip-guidance-scale", type=float, default=0.0, help="> 0 also trains a CLIP to guide")
-    parser.add_argument("--clip-epochs", type=int, default=15, help="epochs of the guiding CLIP")
+    from impl.common import cli
+
+    parser = cli.parser("impl.diffusion.glide", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=cli.positive_int, default=None, help="optimizer steps")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=None, help="images per step")
+    parser.add_argument("--lr", type=cli.positive_float, default=None, help="AdamW learning rate")
+    parser.add_argument("--p-uncond", type=cli.probability, default=None, help="share of empty captions")
+    parser.add_argument("--seed", type=cli.non_negative_int, default=None)
+    parser.add_argument("--device", type=cli.device, default=None)
+    parser.add_argument("--guidance-scales", type=cli.non_negative_float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 5.0])
+    parser.add_argument("--clip-guidance-scale", type=cli.non_negative_float, default=0.0,
+                        help="> 0 also trains a CLIP to guide")  # fmt: skip
+    parser.add_argument("--clip-epochs", type=cli.positive_int, default=15, help="epochs of the guiding CLIP")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    parser.add_argument("--num-inference-steps", type=int, default=50)
-    parser.add_argument("--per-digit", type=int, default=20, help="samples per digit to judge")
-    parser.add_argument("--out", type=Path, default=None, help="folder for grid_*.png and metrics.json")
+    parser.add_argument("--num-inference-steps", type=cli.positive_int, default=50)
+    parser.add_argument("--per-digit", type=cli.positive_int, default=20, help="samples per digit to judge")
+    parser.add_argument("--out", type=cli.writable_dir, default=None, help="folder for grid_*.png and metrics.json")
     args = parser.parse_args(argv)
+    defaults = TrainConfig()
     config = TrainConfig(**{k: v for k, v in vars(args).items() if hasattr(defaults, k) and v is not None})
     glide = train(config, progress=True)
     judge = DigitJudge(config.test_fraction, config.seed)

@@ -13,7 +13,6 @@ sampler step's noise), so the same seed gives the pipeline's output.
 CLI: python -m impl.diffusion.img2img --image in.png --prompt "..." --out out.png [--model-dir SD_DIR]
 """
 
-import argparse
 import inspect
 import json
 import tempfile
@@ -187,6 +186,9 @@ def img2img(
     return [Image.fromarray(a) for a in arrays]
 
 
+_MODEL_DIR_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler/scheduler_config.json")
+
+
 def _load_stable_diffusion(model_dir: Path, sampler: str, device: torch.device) -> dict:
     """unet / vae / text_encoder / tokenizer from a diffusers-format Stable Diffusion directory, our sampler."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -206,43 +208,52 @@ def _load_stable_diffusion(model_dir: Path, sampler: str, device: torch.device) 
     return components
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
-    from impl.common import resolve_device
+    from impl.common import cli, resolve_device
     from impl.diffusion.tiny import tiny_components
 
-    parser = argparse.ArgumentParser(description="Stable Diffusion image-to-image with our DDIM / DDPM sampler.")
-    parser.add_argument("--image", type=Path, required=True, help="input picture; sides multiples of the VAE factor")
+    parser = cli.parser("impl.diffusion.img2img", "Stable Diffusion image-to-image with our DDIM / DDPM sampler.")
+    parser.add_argument("--image", type=cli.existing_file, required=True,
+                        help="input picture; sides multiples of the VAE factor")  # fmt: skip
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--out", type=Path, required=True, help="output PNG")
+    parser.add_argument("--out", type=cli.writable_file, required=True, help="output PNG")
     parser.add_argument(
         "--model-dir",
-        type=Path,
+        type=cli.existing_dir,
         help="diffusers-format Stable Diffusion directory (unet/, vae/, "
         "text_encoder/, tokenizer/, scheduler/); without it tiny random models give a noise demo",
     )
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--strength", type=float, default=0.75)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--strength", type=cli.probability, default=0.75)
+    parser.add_argument("--steps", type=cli.positive_int, default=50)
+    parser.add_argument("--guidance-scale", type=cli.finite_float, default=7.5)
     parser.add_argument("--sampler", choices=sorted(_SAMPLERS), default="ddim")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=cli.non_negative_int, default=0)
+    parser.add_argument("--device", type=cli.device, default="auto")
     args = parser.parse_args(argv)
+    if int(args.steps * args.strength) == 0:
+        parser.error(f"--strength x --steps must leave a step, got {args.strength} x {args.steps}")
+    if args.model_dir is not None:  # a folder without these is not a model, and never a name on a hub
+        missing = [p for p in _MODEL_DIR_PARTS if not (args.model_dir / p).exists()]
+        if missing:
+            parser.error(f"--model-dir must be a diffusers Stable Diffusion folder, {args.model_dir} lacks {missing}")
+    image = Image.open(args.image).convert("RGB")  # an unreadable picture fails before any model is built
 
     device = resolve_device(args.device)
     if args.model_dir is not None:
         components = _load_stable_diffusion(args.model_dir, args.sampler, device)
     else:
         print("no --model-dir: using tiny random components, the output is noise-like (a plumbing demo)")
-        components = tiny_components(tempfile.mkdtemp(prefix="tiny-clip-"))
+        with tempfile.TemporaryDirectory(prefix="tiny-clip-") as vocab_dir:  # the tokenizer reads it at once
+            components = tiny_components(vocab_dir)
         components = {k: v.to(device) if isinstance(v, torch.nn.Module) else v for k, v in components.items()}
         components["scheduler"] = _SAMPLERS[args.sampler](**STABLE_DIFFUSION_SCHEDULE)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     images = img2img(
         **components,
-        image=Image.open(args.image).convert("RGB"),
+        image=image,
         prompt=args.prompt,
         strength=args.strength,
         num_inference_steps=args.steps,
@@ -255,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     images[0].save(args.out)
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -20,11 +20,9 @@ variance like the images' pixels, and its samples are renormalized to the unit s
     python -m impl.diffusion.unclip --out runs/unclip   # accuracy, CLIP similarity, samples and variations
 """
 
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -318,20 +316,26 @@ def clip_similarity(unclip: UnCLIP, images: torch.Tensor, texts: list[str]) -> f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m impl.diffusion.unclip", description=__doc__.split("\n\n")[0])
-    defaults = TrainConfig()
-    for name in ("prior_steps", "decoder_steps", "batch_size", "lr", "seed", "device"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)), default=None)
+    from impl.common import cli
+
+    parser = cli.parser("impl.diffusion.unclip", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prior-steps", type=cli.positive_int, default=None, help="optimizer steps of the prior")
+    parser.add_argument("--decoder-steps", type=cli.positive_int, default=None, help="optimizer steps of the decoder")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=None, help="images per step")
+    parser.add_argument("--lr", type=cli.positive_float, default=None, help="AdamW learning rate")
+    parser.add_argument("--seed", type=cli.non_negative_int, default=None)
+    parser.add_argument("--device", type=cli.device, default=None)
     parser.add_argument(
-        "--clip-epochs", type=int, default=ClipTrainConfig.epochs, help="epochs of the CLIP trained first"
+        "--clip-epochs", type=cli.positive_int, default=ClipTrainConfig.epochs, help="epochs of the CLIP trained first"
     )
-    parser.add_argument("--prior-guidance-scale", type=float, default=2.0)
-    parser.add_argument("--decoder-guidance-scale", type=float, default=3.0)
+    parser.add_argument("--prior-guidance-scale", type=cli.non_negative_float, default=2.0)
+    parser.add_argument("--decoder-guidance-scale", type=cli.non_negative_float, default=3.0)
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    parser.add_argument("--num-inference-steps", type=int, default=50)
-    parser.add_argument("--per-digit", type=int, default=20, help="samples per digit to judge")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the grids and metrics.json")
+    parser.add_argument("--num-inference-steps", type=cli.positive_int, default=50)
+    parser.add_argument("--per-digit", type=cli.positive_int, default=20, help="samples per digit to judge")
+    parser.add_argument("--out", type=cli.writable_dir, default=None, help="folder for the grids and metrics.json")
     args = parser.parse_args(argv)
+    defaults = TrainConfig()
     config = TrainConfig(**{k: v for k, v in vars(args).items() if hasattr(defaults, k) and v is not None})
     clip = train_clip(ClipTrainConfig(epochs=args.clip_epochs, seed=config.seed, device=config.device), progress=True)
     print(f"CLIP zero-shot accuracy on held-out digits: {clip.accuracy:.3f}")

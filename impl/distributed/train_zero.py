@@ -5,6 +5,7 @@ torchrun --nproc-per-node 2 -m impl.distributed.train_zero --stage 3 --world-siz
 """
 
 import argparse
+import sys
 from fractions import Fraction
 
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from impl.common import cli
 from impl.distributed.launch import spawn
 from impl.distributed.zero import STAGES, Zero
 
@@ -44,17 +46,17 @@ def _train(rank: int, world_size: int, args: argparse.Namespace) -> dict:
     return {"rank": rank, "first_loss": losses[0], "last_loss": losses[-1], "memory": memory}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.parser("impl.distributed.train_zero", description=__doc__.splitlines()[0])
     parser.add_argument("--stage", type=int, choices=STAGES, default=3)
-    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--world-size", type=cli.positive_int, default=2)
     parser.add_argument("--mixed-precision", action="store_true", help="bf16 params/grads, fp32 master + Adam")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=32, help="global batch, split across the ranks")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--timeout-s", type=float, default=60.0, help="limit on every collective")
+    parser.add_argument("--steps", type=cli.positive_int, default=200)
+    parser.add_argument("--width", type=cli.positive_int, default=128)
+    parser.add_argument("--layers", type=cli.non_negative_int, default=3, help="hidden Linear+GELU layers")
+    parser.add_argument("--batch", type=cli.positive_int, default=32, help="global batch, split across the ranks")
+    parser.add_argument("--lr", type=cli.positive_float, default=1e-3)
+    parser.add_argument("--timeout-s", type=cli.positive_float, default=60.0, help="limit on every collective")
     args = parser.parse_args(argv)
     if args.batch % args.world_size:
         parser.error(f"--batch must be divisible by --world-size={args.world_size}, got {args.batch}")
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
             f"params {m['params']} B, grads {m['grads']} B, master {m['master']} B, optimizer {m['optimizer']} B; "
             f"{float(per_param):.3f} bytes/param (paper: {float(paper):.3f}, padding {m['padding']} elements)"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,7 +9,6 @@ rank-2 update B A of its middle layer on Gaussian data: a few hundred parameters
     python -m impl.finetune.lora_toy --help
 """
 
-import argparse
 from dataclasses import dataclass
 
 import torch
@@ -90,10 +89,18 @@ def run(config: ToyConfig, progress: bool = True) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    defaults = ToyConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m impl.finetune.lora_toy")
-    for name, value in vars(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=f"default {value}")
+    from impl.common import cli
+
+    kinds = {  # the check of each ToyConfig field on the command line
+        **dict.fromkeys(("dim", "hidden", "samples", "pretrain_steps", "finetune_steps", "rank"), cli.positive_int),
+        "classes": cli.int_at_least(2),
+        **dict.fromkeys(("pretrain_lr", "finetune_lr", "alpha"), cli.positive_float),
+        "teacher_bias": cli.non_negative_float,
+        "seed": cli.non_negative_int,
+    }
+    parser = cli.parser("impl.finetune.lora_toy", description=__doc__.split("\n\n")[0])
+    for name, value in vars(ToyConfig()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kinds[name], default=value, help=f"default {value}")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = vars(parser.parse_args(argv))
     quiet = args.pop("quiet")

@@ -6,13 +6,12 @@ Autoregressive sampling (Radford et al. 2019, section 3) with temperature and to
     python -m impl.gpt.sample --checkpoint runs/cpu/ckpt --prompt "ROMEO:" --max-new-tokens 300 --seed 1
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-from impl.common import resolve_device
+from impl.common import cli, resolve_device
 from impl.gpt.data import CharTokenizer
 from impl.gpt.model import GPT, GPTConfig
 
@@ -57,22 +56,24 @@ def sample(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m impl.gpt.sample", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a run's ckpt/ folder or one step_XXXXXXXX/ in it")
+    parser = cli.parser("impl.gpt.sample", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=cli.existing_dir, required=True,
+                        help="a run's ckpt/ folder or one step_XXXXXXXX/ in it")  # fmt: skip
     parser.add_argument("--prompt", default="\n", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=500, help="characters to sample")
-    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature")
-    parser.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest characters")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--out", default=None, help="write the text here instead of stdout")
+    parser.add_argument("--max-new-tokens", type=cli.non_negative_int, default=500, help="characters to sample")
+    parser.add_argument("--temperature", type=cli.positive_float, default=0.8, help="softmax temperature")
+    parser.add_argument("--top-k", type=cli.positive_int, default=200, help="sample among the k likeliest characters")
+    parser.add_argument("--seed", type=cli.non_negative_int, default=1337, help="seed of the sampling generator")
+    parser.add_argument("--device", type=cli.device, default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--out", type=cli.writable_file, default=None, help="write the text here instead of stdout")
     args = parser.parse_args(argv)
     model, tokenizer = load_model(args.checkpoint, args.device)
     text = sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     if args.out is None:
         print(text)
     else:
-        Path(args.out).write_text(text)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
     return 0
 
 

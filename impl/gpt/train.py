@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from impl.common import resolve_device, seed_everything
+from impl.common import cli, resolve_device, seed_everything
 from impl.gpt.data import CharTokenizer, get_batch, load_shakespeare, train_val_split
 from impl.gpt.model import GPT, GPTConfig
 
@@ -184,39 +185,44 @@ def train(cfg: TrainConfig, out_dir: str | Path, data_path: str | Path | None = 
         progress=progress,
     )
     resumed = trainer.resume()
-    log = _Log(out_dir, start=trainer.step_count)
-    eval_seconds = 0.0
+    log = _Log(out_dir, start=trainer.step_count)  # rows past the checkpoint were lost with the run: dropped
+    session_start = trainer.step_count
+    last = time.perf_counter()
 
     def callback(step: int, loss: float) -> None:
-        nonlocal eval_seconds
-        log.step(step, loss, lr_at(step - 1, cfg))
+        nonlocal last
+        log.step(step, loss, lr_at(step - 1, cfg), seconds=time.perf_counter() - last)  # evaluation excluded
         if step % cfg.eval_interval == 0 and step < cfg.max_iters:
-            start = time.perf_counter()
             losses = estimate_loss(model, splits, cfg, cfg.eval_iters, device)
-            eval_seconds += time.perf_counter() - start
             log.eval(step, losses, cfg.eval_iters)
             if progress:
                 tqdm.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}")
+        last = time.perf_counter()
 
     start = time.perf_counter()
-    trainer.fit(cfg.max_iters, callback=callback)
+    try:
+        trainer.fit(cfg.max_iters, callback=callback)
+    finally:
+        log.close()
     wall = time.perf_counter() - start
     final = estimate_loss(model, splits, cfg, cfg.final_eval_iters, device)
     log.eval(trainer.step_count, final, cfg.final_eval_iters)
-    steps = trainer.step_count - (resumed.step if resumed else 0)
-    train_seconds = wall - eval_seconds
+    steps = trainer.step_count
+    timed_steps, train_seconds = log.timed()  # the whole run, over every resume
     summary = {
         "config": asdict(cfg),
         "device": str(device),
         "params": model.num_params(),
         "resumed_from": resumed.step if resumed else None,
         "steps": steps,
+        "session_steps": trainer.step_count - session_start,
         "final_val_loss": final["val"],
         "final_train_loss": final["train"],
         "final_eval_batches": cfg.final_eval_iters,
         "wall_seconds": wall,
-        "ms_per_iter": 1000 * train_seconds / max(1, steps),
-        "tokens_per_s": steps * cfg.batch_size * cfg.block_size * cfg.grad_accum_steps / max(train_seconds, 1e-9),
+        "train_seconds": train_seconds,
+        "ms_per_iter": 1000 * train_seconds / max(1, timed_steps),
+        "tokens_per_s": timed_steps * cfg.batch_size * cfg.block_size * cfg.grad_accum_steps / max(train_seconds, 1e-9),
     }
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     prompt = "\n" if "\n" in tok.chars else tok.chars[0]  # nanoGPT starts from a newline
@@ -228,37 +234,62 @@ def train(cfg: TrainConfig, out_dir: str | Path, data_path: str | Path | None = 
 
 
 class _Log:
-    """losses.csv (every step), evals.csv, and at the end log.json, loss_curve.png, sample.txt and report.md."""
+    """losses.csv (a row per step, appended and flushed as it happens) and evals.csv (a row per evaluation,
+    rewritten atomically), both cut back to the checkpoint a run resumes from, so any number of kills and resumes
+    leaves exactly one row per step; at the end log.json, loss_curve.png, sample.txt and report.md."""
+
+    LOSS_FIELDS = ("step", "loss", "lr", "seconds")
+    EVAL_FIELDS = ("step", "train", "val", "batches")
 
     def __init__(self, out_dir: Path, start: int):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.dir = out_dir
-        self.steps = [r for r in self._read("losses.csv") if int(r["step"]) <= start]  # drop steps redone now
+        self.steps = [r for r in self._read("losses.csv") if int(r["step"]) <= start]
         self.evals = [r for r in self._read("evals.csv") if int(r["step"]) <= start]
+        self._write("losses.csv", self.LOSS_FIELDS, self.steps)
+        self._write("evals.csv", self.EVAL_FIELDS, self.evals)
+        self._losses = open(self.dir / "losses.csv", "a", newline="")  # noqa: SIM115 (closed by close())
+        self._writer = csv.DictWriter(self._losses, fieldnames=self.LOSS_FIELDS)
 
     def _read(self, name: str) -> list[dict]:
         path = self.dir / name
         if not path.is_file():
             return []
         with open(path, newline="") as f:
-            return list(csv.DictReader(f))
+            rows = list(csv.DictReader(f))
+        return [r for r in rows if all(r.get(k) for k in r) and r["step"].isdigit()]  # drop a row cut short
 
-    def _write(self, name: str, rows: list[dict]) -> None:
-        with open(self.dir / name, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    def _write(self, name: str, fieldnames: tuple, rows: list[dict]) -> None:
+        """Replace `name` atomically: a kill leaves the old file or the new one, never half of one."""
+        tmp = self.dir / f".{name}.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore", restval="")
             writer.writeheader()
             writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dir / name)
 
-    def step(self, step: int, loss: float, lr: float) -> None:
-        self.steps.append({"step": step, "loss": loss, "lr": lr})
+    def step(self, step: int, loss: float, lr: float, seconds: float) -> None:
+        row = {"step": step, "loss": loss, "lr": lr, "seconds": seconds}
+        self.steps.append(row)
+        self._writer.writerow(row)
+        self._losses.flush()  # in the OS's hands: survives SIGKILL
 
     def eval(self, step: int, losses: dict, batches: int) -> None:
+        self.evals = [r for r in self.evals if int(r["step"]) != step]  # a rerun's final estimate replaces its own
         self.evals.append({"step": step, "train": losses["train"], "val": losses["val"], "batches": batches})
-        self._write("evals.csv", self.evals)
+        self._write("evals.csv", self.EVAL_FIELDS, self.evals)
+
+    def close(self) -> None:
+        self._losses.close()
+
+    def timed(self) -> tuple[int, float]:
+        """Steps with a duration and their training seconds, over the whole run, every resume included."""
+        timed = [float(r["seconds"]) for r in self.steps if r.get("seconds") not in (None, "")]
+        return len(timed), sum(timed)
 
     def finish(self, summary: dict, sample: str) -> None:
-        if self.steps:
-            self._write("losses.csv", self.steps)
         (self.dir / "log.json").write_text(json.dumps({**summary, "evals": self.evals}, indent=1))
         (self.dir / "sample.txt").write_text(sample)
         self._plot(summary)
@@ -278,14 +309,15 @@ class _Log:
             f"### GPT `{self.dir.name}`: {summary['params'] / 1e6:.2f}M parameters, {shape}",
             "",
             f"- machine: {where}",
-            f"- steps: {summary['steps']}, batch {cfg['batch_size']} x {cfg['grad_accum_steps']} accumulation, "
+            f"- steps: {summary['steps']} ({summary['session_steps']} in the last invocation), "
+            f"batch {cfg['batch_size']} x {cfg['grad_accum_steps']} accumulation, "
             f"lr {cfg['learning_rate']}, dropout {cfg['dropout']}"
             + (f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] else ""),
             f"- final val loss **{summary['final_val_loss']:.4f}** (train {summary['final_train_loss']:.4f}), "
             f"estimated on {summary['final_eval_batches']} batches; nanoGPT's published figure for the `cpu` "
             "preset's configuration is 1.88",
             f"- training throughput: {summary['tokens_per_s']:.0f} tokens/s, {summary['ms_per_iter']:.1f} ms/iter "
-            f"(evaluation excluded); wall {summary['wall_seconds']:.1f} s (evaluation included)",
+            f"over the whole run (evaluation excluded); last invocation's wall time {summary['wall_seconds']:.1f} s",
             "",
             "![loss curve](loss_curve.png)",
             "",
@@ -319,24 +351,49 @@ class _Log:
         plt.close(fig)
 
 
+# The check of each TrainConfig field on the command line (impl.common.cli); cross-field rules stay in TrainConfig.
+_FIELD_TYPES = {
+    **dict.fromkeys(("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum_steps"), cli.positive_int),
+    **dict.fromkeys(("max_iters", "lr_decay_iters", "eval_interval", "eval_iters"), cli.positive_int),
+    "final_eval_iters": cli.positive_int,
+    **dict.fromkeys(("warmup_iters", "checkpoint_every", "sample_chars", "seed"), cli.non_negative_int),
+    **dict.fromkeys(("learning_rate", "min_lr"), cli.positive_float),
+    **dict.fromkeys(("weight_decay", "grad_clip"), cli.non_negative_float),
+    **dict.fromkeys(("dropout", "beta1", "beta2"), cli.unit_interval),
+    "device": cli.device,
+}
+
+
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="python -m impl.gpt.train", description=__doc__.split("\n\n")[0])
+    from impl.attention import BACKENDS
+
+    parser = cli.parser("impl.gpt.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="starting configuration")
-    parser.add_argument("--out", required=True, help="directory for checkpoints, logs, loss curve and sample")
-    parser.add_argument("--data", default=None, help="tiny-shakespeare path (default: $TINYSHAKESPEARE or download)")
+    parser.add_argument("--out", type=cli.writable_dir, required=True, help="folder for checkpoints, logs, sample")
+    parser.add_argument("--data", type=cli.existing_file, default=None,
+                        help="tiny-shakespeare path (default: $TINYSHAKESPEARE or download)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     cpu, gpu = TrainConfig.from_name("cpu"), TrainConfig.from_name("gpu")
     for f in fields(TrainConfig):
-        kind = float if f.type is float else str if f.type is str else int
         preset_values = f"cpu: {getattr(cpu, f.name)}, gpu: {getattr(gpu, f.name)}"
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=f"({preset_values})")
+        kind = dict(type=_FIELD_TYPES[f.name]) if f.name in _FIELD_TYPES else dict(choices=BACKENDS)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", **kind, default=None, help=f"({preset_values})")
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
-    return TrainConfig.from_name(args.preset, **overrides), args
+    try:
+        cfg = TrainConfig.from_name(args.preset, **overrides)
+        cfg.model_config(vocab_size=1)  # GPTConfig's own rules (n_embd divisible by n_head, ...)
+    except ValueError as err:
+        parser.error(str(err))
+    return cfg, args
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_args(argv)
+    try:  # the corpus is found (or downloaded) before any work, and its absence is the user's to fix
+        load_shakespeare(args.data)
+    except RuntimeError as err:
+        raise FileNotFoundError(str(err)) from err
     summary = train(cfg, args.out, args.data, progress=not args.no_progress)
     print(
         f"val loss {summary['final_val_loss']:.4f} ({summary['final_eval_batches']} batches), "

@@ -7,14 +7,13 @@ prints the held-out rule score, the KL to the reference and a sample before and 
     python -m impl.rlhf --steps 30 --shakespeare /path/to/tinyshakespeare.txt
 """
 
-import argparse
 import copy
 import sys
 
 import torch
 from tqdm import tqdm
 
-from impl.common import seed_everything
+from impl.common import cli, seed_everything
 from impl.gpt import load_shakespeare
 from impl.rlhf.dpo import DPOConfig, DPOTrainer
 from impl.rlhf.losses import kl_penalty
@@ -65,16 +64,18 @@ def run(text: str, steps: int, pretrain_steps: int, seed: int, progress: bool = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m impl.rlhf", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=30, help="PPO rounds and DPO steps")
-    parser.add_argument("--pretrain-steps", type=int, default=300, help="pretraining steps of the policy")
-    parser.add_argument("--shakespeare", default=None, help="tiny-shakespeare file (else $TINYSHAKESPEARE)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = cli.parser("impl.rlhf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=cli.positive_int, default=30, help="PPO rounds and DPO steps")
+    parser.add_argument("--pretrain-steps", type=cli.positive_int, default=300, help="pretraining steps of the policy")
+    parser.add_argument("--shakespeare", type=cli.existing_file, default=None,
+                        help="tiny-shakespeare file (else $TINYSHAKESPEARE)")  # fmt: skip
+    parser.add_argument("--seed", type=cli.non_negative_int, default=0)
     args = parser.parse_args(argv)
-    for name in ("steps", "pretrain_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}")
-    results = run(load_shakespeare(args.shakespeare), args.steps, args.pretrain_steps, args.seed)
+    try:  # the corpus is found (or downloaded) before any work, and its absence is the user's to fix
+        text = load_shakespeare(args.shakespeare)
+    except RuntimeError as err:
+        raise FileNotFoundError(str(err)) from err
+    results = run(text, args.steps, args.pretrain_steps, args.seed)
     for name, r in results.items():
         extra = {k: round(v, 3) for k, v in r.items() if k not in ("rule_score", "kl", "sample")}
         print(f"{name:>10}: rule score {r['rule_score']:.3f}, KL {r['kl']:.2f} nats {extra or ''}")
