@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run one entry point. Bad input exits 2 with one `error:` line, Ctrl-C exits 130 with one line; a
     traceback only with --debug (anywhere on the line) or IMPL_DEBUG=1, and for failures that are bugs."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("IMPL_DEBUG", "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
+    ours = argv.index("--") if "--" in argv else len(argv)  # after "--", arguments belong to a tool (pytest)
+    debug = "--debug" in argv[:ours] or os.environ.get("IMPL_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv[:ours] if a != "--debug"] + argv[ours:]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0

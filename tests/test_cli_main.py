@@ -68,6 +68,7 @@ def test_debug_and_impl_debug_show_the_traceback(fake_entry, monkeypatch):
     fake_entry(ValueError("bad"))
     with pytest.raises(ValueError, match="bad"):
         entry.main(["fake", "--debug"])
+    assert entry.main(["fake", "--", "--debug"]) == 2  # after "--", a flag of the tool the entry point runs
     monkeypatch.setenv("IMPL_DEBUG", "1")
     with pytest.raises(ValueError, match="bad"):
         entry.main(["fake"])
