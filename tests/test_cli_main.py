@@ -153,3 +153,18 @@ def test_sigint_during_training_exits_130_with_one_line(tmp_path):
             proc.wait(timeout=30)
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["interrupted: python -m impl train stopped by Ctrl-C"]
+
+
+@pytest.mark.parametrize("name", ["clip-train", "glide", "unclip", "train"])
+def test_a_read_only_output_folder_fails_before_training(name, tmp_path, monkeypatch, capsys):
+    """As root every folder is writable, so the refusal is simulated where the check asks the OS."""
+    import impl.common.cli as cli
+
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, mode: Path(p) != readonly and real_access(p, mode))
+    for out in (readonly, readonly / "run"):
+        assert entry.main([name, "--out", str(out), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: argument --out: must be a writable") and err.count("\n") == 1

@@ -113,16 +113,14 @@ def test_impl_help_lists_every_entry_point(capsys):
 
 @pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
 def test_every_entry_point_has_help(name, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        impl_main([name, "--help"])
-    assert exit_info.value.code == 0
+    assert impl_main([name, "--help"]) == 0
     assert "usage:" in capsys.readouterr().out
 
 
 def test_bad_input_to_an_entry_point_is_one_line(tmp_path, capsys):
     assert impl_main(["sample", "--checkpoint", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "checkpoint must be an existing directory" in err
+    assert len(err.splitlines()) == 1 and "argument --checkpoint: must be an existing folder" in err
 
 
 def test_a_folder_is_not_a_benchmark_file(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """The edge of every `python -m impl NAME` entry point: argparse `type=` checks and the parser's name.
 
-Each helper turns one command-line string into a value or raises `argparse.ArgumentTypeError`, so argparse
+Each helper turns one command-line string into a value or raises `argparse.ArgumentTypeError`, so the parser
 prints one `error: argument --NAME: ...` line and exits with code 2 before any work starts. Paths are checked the
 same way: an output folder must be creatable and writable, an input file must exist.
 """
@@ -14,10 +14,16 @@ from pathlib import Path
 _prog: str | None = None
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not the usage block above it
+        self.exit(2, f"error: {message}  ({self.prog} --help)\n")
+
+
 def parser(module: str, description: str | None = None) -> argparse.ArgumentParser:
-    """An ArgumentParser whose usage says `python -m impl NAME` when run that way, else `python -m MODULE`."""
+    """An ArgumentParser whose usage says `python -m impl NAME` when run that way, else `python -m MODULE`, and
+    whose errors are one `error:` line with exit code 2."""
     prog = _prog or f"python -m {module.removesuffix('.__main__')}"
-    return argparse.ArgumentParser(prog=prog, description=description)
+    return _Parser(prog=prog, description=description)
 
 
 def _bad(expected: str, value: str) -> argparse.ArgumentTypeError:
