@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from impl.common import cli
 from impl.report.compare import (
     ERROR_GROWTH,
     KINDS,
@@ -156,11 +157,6 @@ def append_drift(readme: Path, base_path: str | Path, new_path: str | Path) -> C
 # ---- the command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not the usage block
-        self.exit(2, f"error: {message} (python -m impl compare --help)\n")
-
-
 def _threshold(text: str) -> tuple[str, float]:
     group, sep, pct = text.rpartition("=")
     try:
@@ -181,10 +177,11 @@ def _kinds(text: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m impl compare", description=__doc__.split("\n\n")[0])
+    parser = cli.parser("impl.report.drift", __doc__.split("\n\n")[0])
     parser.add_argument("base", help="the earlier run's JSON (written by python -m impl bench)")
     parser.add_argument("new", help="the later run's JSON")
-    parser.add_argument("-o", "--out", default=None, help="folder for compare.md and its plots (default: NEW's)")
+    parser.add_argument("-o", "--out", type=cli.writable_dir, default=None,
+                        help="folder for compare.md and its plots (default: NEW's)")
     parser.add_argument("--threshold", type=_threshold, action="append", default=[], metavar="GROUP=PCT",
                         help=f"time threshold of a group in percent (default {TIME_THRESHOLD_PCT:g}; *=PCT for all)")
     parser.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a regression counts")
