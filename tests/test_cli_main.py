@@ -155,6 +155,28 @@ def test_sigint_during_training_exits_130_with_one_line(tmp_path):
     assert err.strip().splitlines() == ["interrupted: python -m impl train stopped by Ctrl-C"]
 
 
+def test_sigint_during_distributed_training_exits_130_with_one_line():
+    """Ctrl-C in `python -m impl train-zero`: the ranks go too, and no leaked-semaphore warning follows the line
+    (tqdm's default lock is a semaphore a stopped rank never unlinks)."""
+    cmd = [sys.executable, "-m", "impl", "train-zero", "--steps", "1000000", "--world-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IMPL_DEBUG": ""}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        seen, deadline = b"", time.monotonic() + 90
+        while b"it/s" not in seen:  # the progress bar: the ranks are training
+            assert proc.poll() is None and time.monotonic() < deadline, seen.decode(errors="replace")
+            seen += os.read(proc.stderr.fileno(), 4096)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    lines = [x for x in err.decode(errors="replace").replace("\r", "\n").splitlines() if x.strip() and "ZeRO-" not in x]
+    assert proc.returncode == 130, lines
+    assert lines == ["interrupted: python -m impl train-zero stopped by Ctrl-C"]
+
+
 @pytest.mark.parametrize("name", ["clip-train", "glide", "unclip", "train"])
 def test_a_read_only_output_folder_fails_before_training(name, tmp_path, monkeypatch, capsys):
     """As root every folder is writable, so the refusal is simulated where the check asks the OS."""

@@ -6,6 +6,7 @@ torchrun --nproc-per-node 2 -m impl.distributed.train_zero --stage 3 --world-siz
 
 import argparse
 import sys
+import threading
 from fractions import Fraction
 
 import torch
@@ -35,6 +36,9 @@ def _train(rank: int, world_size: int, args: argparse.Namespace) -> dict:
     data = torch.Generator().manual_seed(100 + rank)  # every rank draws its own share of each batch
     local_batch = args.batch // world_size
     losses = []
+    # tqdm's default lock is a multiprocessing semaphore; a rank stopped by Ctrl-C never unlinks it, and the
+    # resource tracker then warns about it after our one line. One process, one thread: a thread lock serves.
+    tqdm.set_lock(threading.RLock())
     for _ in tqdm(range(args.steps), desc=f"ZeRO-{args.stage}", disable=rank != 0):
         x = torch.randn(local_batch, args.width, generator=data)
         loss = F.mse_loss(zero(x).float().squeeze(-1), torch.tanh(x @ target))
