@@ -146,7 +146,8 @@ def test_long_values_are_cut_in_messages():
 
 # The areas whose public edge goes through impl.common.checks: a copy of the bool guard or a private helper
 # re-implementing a shared check must not come back there.
-AREAS = ("attention", "generation", "data", "diffusion", "finetune", "memory", "rlhf", "clip")
+AREAS = ("attention", "generation", "data", "diffusion", "finetune", "memory", "rlhf", "clip", "training", "gpt",
+         "distributed")
 GUARD = re.compile(r"isinstance\([^)]*\bbool\)")
 SHARED_NAMES = re.compile(r"def _check_(int|positive|unit|seq_len|bool|number)\b")
 

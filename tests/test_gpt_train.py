@@ -166,9 +166,9 @@ def test_top_k_1_is_greedy():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(max_new_tokens=-1), "max_new_tokens must be a non-negative int, got -1"),
+        (dict(max_new_tokens=-1), "max_new_tokens must be an int >= 0, got -1"),
         (dict(temperature=0.0), "temperature must be a positive number, got 0.0"),
-        (dict(top_k=0), "top_k must be None or a positive int, got 0"),
+        (dict(top_k=0), "top_k must be a positive int, got 0"),
     ],
 )
 def test_generate_bad_input(kwargs, match):

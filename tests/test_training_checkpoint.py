@@ -240,7 +240,7 @@ def test_loading_into_another_config_is_refused(tmp_path):
         ({"model": "weights"}, TypeError, r"model must be a torch\.nn\.Module, got str"),
         ({"optimizer": "adam"}, TypeError, r"optimizer must be a torch\.optim\.Optimizer or None, got str"),
         ({"scheduler": 3}, TypeError, r"scheduler must have state_dict\(\)/load_state_dict\(\) or be None, got int"),
-        ({"keep_last": 0}, ValueError, r"keep_last must be None or an int >= 1, got 0"),
+        ({"keep_last": 0}, ValueError, r"keep_last must be a positive int, got 0"),
         ({"config": [1, 2]}, TypeError, r"config must be a dict or None, got list"),
         ({"config": {"fn": print}}, TypeError, r"cannot checkpoint 'config\.fn'.*got builtin_function_or_method"),
     ],

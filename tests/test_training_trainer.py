@@ -176,7 +176,7 @@ def test_resume_with_no_checkpoint_changes_nothing(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"grad_accum_steps": 0}, ValueError, r"grad_accum_steps must be an int >= 1, got 0"),
+        ({"grad_accum_steps": 0}, ValueError, r"grad_accum_steps must be a positive int, got 0"),
         ({"clip_grad_norm": -1.0}, ValueError, r"clip_grad_norm must be None or a number > 0, got -1\.0"),
         ({"checkpoint_every": 5}, ValueError, r"checkpoint_every=5 needs a checkpoint_dir, got None"),
         ({"checkpoint_every": -1}, ValueError, r"checkpoint_every must be an int >= 0 \(0: never\), got -1"),

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from impl.common.checks import check_int, check_positive_int
 from impl.gpt.model import GPT
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -79,8 +80,7 @@ class PipelineSchedule:
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if not isinstance(n_microbatches, int) or isinstance(n_microbatches, bool) or n_microbatches < 1:
-            raise ValueError(f"n_microbatches must be a positive int, got {n_microbatches!r}")
+        check_positive_int("n_microbatches", n_microbatches)
         if not isinstance(group, dist.ProcessGroup):
             raise TypeError(f"group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
         self.module, self.group, self.schedule, self.n_microbatches = module, group, schedule, n_microbatches
@@ -231,8 +231,9 @@ def split_gpt(gpt: GPT, n_stages: int) -> list[GPTStage]:
     if not isinstance(gpt, GPT):
         raise TypeError(f"gpt must be an impl.gpt.GPT, got {type(gpt).__name__}")
     n_layer = gpt.config.n_layer
-    if not isinstance(n_stages, int) or isinstance(n_stages, bool) or not 1 <= n_stages <= n_layer:
-        raise ValueError(f"n_stages must be an int in [1, n_layer={n_layer}], got {n_stages!r}")
+    check_int("n_stages", n_stages, low=1)
+    if n_stages > n_layer:
+        raise ValueError(f"n_stages must be at most n_layer={n_layer}, got {n_stages}")
     bounds = [s * n_layer // n_stages for s in range(n_stages + 1)]
     return [GPTStage(gpt, range(bounds[s], bounds[s + 1]), s == 0, s == n_stages - 1) for s in range(n_stages)]
 

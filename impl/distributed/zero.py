@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from impl.common.checks import check_bool, check_int, check_one_of
+
 STAGES = (0, 1, 2, 3)
 # The flat-tensor collectives under their current names (torch 2.13, which deprecates the old ones) or the
 # long-standing ones (torch 2.11 on the GPU image has only these): same arguments, same behaviour, gloo included.
@@ -302,14 +304,12 @@ def _nbytes(t: torch.Tensor | None) -> int:
 
 
 def _check_args(model, optimizer_cls, stage, mixed_precision) -> None:
-    if not isinstance(stage, int) or isinstance(stage, bool) or stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    check_one_of("stage", check_int("stage", stage), STAGES)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
         raise TypeError(f"optimizer_cls must be a torch.optim.Optimizer subclass, got {optimizer_cls!r}")
-    if not isinstance(mixed_precision, bool):
-        raise TypeError(f"mixed_precision must be a bool, got {type(mixed_precision).__name__}")
+    check_bool("mixed_precision", mixed_precision)
     for name, p in model.named_parameters():
         if not p.is_floating_point():
             raise TypeError(f"parameters must be floating point; {name!r} has dtype {p.dtype}")

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from impl.attention import attention
+from impl.common.checks import check_int, check_positive_int
 
 # HF GPT-2 Conv1D weights, stored (in, out); ours are nn.Linear weights, stored (out, in).
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -44,8 +45,7 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+            check_positive_int(f"GPTConfig.{name}", value)
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig.n_embd must be divisible by n_head={self.n_head}, got {self.n_embd}")
         if not 0.0 <= self.dropout < 1.0:
@@ -179,12 +179,11 @@ class GPT(nn.Module):
         given; `generator` makes the draw reproducible.
         """
         self._check_tokens(idx, "idx")
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, low=0)
         if not isinstance(temperature, int | float) or not temperature > 0:
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-            raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+        if top_k is not None:
+            check_positive_int("top_k", top_k)
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size :])
             logits = logits[:, -1, :] / temperature  # (B, vocab)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from impl.common.checks import check_int
 from impl.training._manifest import FORMAT, MANIFEST, CheckpointError, fsync_dir, hash_file, read_manifest, step_dirs
 from impl.training._manifest import write_file as _write_file
 from impl.training._plan import Plan, plan
@@ -148,11 +149,10 @@ def save_checkpoint(
     `keep_last=k` then deletes every checkpoint older than the `k` newest steps, except the one just written:
     that one is never deleted, even when newer steps exist (a rewound run), and no checkpoint newer than it is.
     """
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    check_int("step", step, low=0)
     _check_types(model, optimizer, scheduler, model_required=True)
-    if keep_last is not None and (not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1):
-        raise ValueError(f"keep_last must be None or an int >= 1, got {keep_last!r}")
+    if keep_last is not None:
+        check_int("keep_last", keep_last, low=1)
     if config is not None and not isinstance(config, dict):
         raise TypeError(f"config must be a dict or None, got {type(config).__name__}")
     directory = Path(directory)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from impl.common import seed_everything
+from impl.common.checks import check_bool, check_int
 
 CUBLAS_WORKSPACE = ":4096:8"
 
@@ -64,10 +65,8 @@ def set_deterministic(seed: int, *, enabled: bool = True, warn_only: bool = Fals
 
     `warn_only=True` makes an op without a deterministic kernel warn instead of raise.
     """
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    check_int("seed", seed)
+    check_bool("enabled", enabled)
     previous = DeterministicState.capture()
     seed_everything(seed)
     if enabled:

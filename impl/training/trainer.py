@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from impl.common.checks import check_positive_int
 from impl.training.checkpoint import Checkpoint, save_checkpoint
 from impl.training.checkpoint import resume as resume_checkpoint
 
@@ -82,8 +83,7 @@ class Trainer:
             raise TypeError(
                 f"scheduler must have step()/state_dict()/load_state_dict(), got {type(scheduler).__name__}"
             )
-        if not isinstance(grad_accum_steps, int) or isinstance(grad_accum_steps, bool) or grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}")
+        check_positive_int("grad_accum_steps", grad_accum_steps)
         if clip_grad_norm is not None and not (isinstance(clip_grad_norm, int | float) and clip_grad_norm > 0):
             raise ValueError(f"clip_grad_norm must be None or a number > 0, got {clip_grad_norm!r}")
         if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
