@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,11 +117,38 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     work = Path(tempfile.mkdtemp(prefix=".bench-", dir=out))
-    roofs_path = work / "roofs.json"
-    print(f"measuring the roofs of {device} ...", flush=True)
-    roofs_path.write_text(json.dumps(_measure_roofs(device, size)))
-    outcomes_path = work / "outcomes.jsonl"
-    env = {**os.environ, "IMPL_ROOFS": str(roofs_path), "IMPL_BENCH_OUTCOMES": str(outcomes_path),
+    try:  # the groups' files live in `work` until merged; it goes however the run ends (Ctrl-C included)
+        print(f"measuring the roofs of {device} ...", flush=True)
+        (work / "roofs.json").write_text(json.dumps(_measure_roofs(device, size)))
+        groups, codes = _run_groups(plan, args, size, benches, work, start)
+        fresh = _combine(work, groups, args.budget_s, work / "outcomes.jsonl", work / "roofs.json")
+        if fresh is None:
+            print("error: no benchmark produced results; report not rendered", file=sys.stderr)
+            return max(codes, default=1) or 1
+        merge_into(fresh, json_path, keep_others=args.keyword is not None or bool(args.pytest_args))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    try:
+        runs = [load_run(p) for p in sorted(out.glob("bench-*.json"))]
+        path = render(runs, out)
+        if args.compare:
+            from impl.report.drift import append_drift, summary
+
+            print(f"drift against {args.compare}: {summary(append_drift(path, args.compare, json_path))}")
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    if codes:
+        print(f"error: some benchmarks failed (pytest exit codes {sorted(set(codes))}); they are listed in the report",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_groups(plan: list, args: argparse.Namespace, size: str, benches: Path, work: Path, start: float):
+    """Each module in its own pytest process, in plan order, within the budget; (group records, exit codes)."""
+    env = {**os.environ, "IMPL_ROOFS": str(work / "roofs.json"), "IMPL_BENCH_OUTCOMES": str(work / "outcomes.jsonl"),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     groups, codes = [], []
     for i, (module, est) in enumerate(plan, 1):
@@ -149,31 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                        "exit_code": code})
         if code not in (0, 5):  # 5: nothing collected (a -k that selects nothing in this module)
             codes.append(code)
-
-    fresh = _combine(work, groups, args.budget_s, outcomes_path, roofs_path)
-    if fresh is None:
-        print("error: no benchmark produced results; report not rendered", file=sys.stderr)
-        return max(codes, default=1) or 1
-    merge_into(fresh, json_path, keep_others=args.keyword is not None or bool(args.pytest_args))
-    for f in work.iterdir():
-        f.unlink()
-    work.rmdir()
-    try:
-        runs = [load_run(p) for p in sorted(out.glob("bench-*.json"))]
-        path = render(runs, out)
-        if args.compare:
-            from impl.report.drift import append_drift, summary
-
-            print(f"drift against {args.compare}: {summary(append_drift(path, args.compare, json_path))}")
-    except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    if codes:
-        print(f"error: some benchmarks failed (pytest exit codes {sorted(set(codes))}); they are listed in the report",
-              file=sys.stderr)
-        return 1
-    return 0
+    return groups, codes
 
 
 def ordered_modules(benches: Path) -> list[Path]:
