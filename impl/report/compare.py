@@ -21,8 +21,9 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from impl.report.format import _fmt_bytes, _fmt_time
 from impl.report.load import ReportError, Row, Run
-from impl.report.render import _fmt_bytes, _fmt_time, _key, _varying
+from impl.report.render import _key, _varying
 
 KINDS = ("time", "time-ratio", "memory", "error", "added", "removed")
 TIME_THRESHOLD_PCT = 10.0  # a group's default; --threshold GROUP=PCT (or *=PCT for every group) overrides it

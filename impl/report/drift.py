@@ -24,8 +24,9 @@ from impl.report.compare import (
     _verdict,
     compare_runs,
 )
+from impl.report.format import _fmt_bytes, _fmt_time, _md
 from impl.report.load import ReportError, Run, load_run
-from impl.report.render import _fmt_bytes, _fmt_time, _md, _unique_png
+from impl.report.render import _unique_png
 
 
 def _group_table(comparison: Comparison, group: str, refs: tuple, iqr: tuple) -> pd.DataFrame:
