@@ -29,9 +29,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from impl.data import exact_duplicates, near_duplicates, pack_documents
+from impl.data import attention_document_ids, exact_duplicates, near_duplicates, pack_documents
 from impl.data.dedup import Dedup, clusters_from_pairs, normalize
-from impl.data.packed_attention import gpt_packed_forward
 from impl.data.packing import IGNORE_INDEX, next_token_labels, padding_fraction, split_speeches
 from impl.gpt import GPT, CharTokenizer, GPTConfig, load_shakespeare
 
@@ -78,11 +77,12 @@ def _packing(bench, device, size, corpora, dist, strategy, seq_len):
     corpus_packed = pack_documents(docs, seq_len, strategy, long_docs="split")
     labels = next_token_labels(batch).to(device)
     ids, pos, doc = (t.to(device) for t in batch)
+    attn_doc = attention_document_ids(doc)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=seq_len, vocab_size=65, n_layer=2, n_head=2, n_embd=64)).to(device)
 
     def loss_fn():
-        logits = gpt_packed_forward(model, ids, pos, doc, method="sdpa")  # (rows, seq_len, vocab)
+        logits, _ = model(ids, position_ids=pos, document_ids=attn_doc)  # (rows, seq_len, vocab)
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
     def step():

@@ -33,8 +33,8 @@ BAD = {
               r"v must have the dtype of q \(torch.float32\), got torch.float64"),
     "device": (lambda: (*qkv()[:2], torch.empty(1, 2, 8, 16, device="meta")), {}, ValueError,
                r"v must be on the device of q \(cpu\), got meta"),
-    "causal-lengths": (lambda: qkv(kv_shape=(1, 2, 9, 16)), {"causal": True}, ValueError,
-                       r"causal attention needs equal q and k seq lengths, got q 8 and k 9"),
+    "causal-lengths": (lambda: qkv(kv_shape=(1, 2, 7, 16)), {"causal": True}, ValueError,
+                       r"causal attention needs no more queries than keys \(bottom-right aligned\), got q 8 and k 7"),
     "scale": (qkv, {"scale": -1.0}, ValueError, r"scale must be a positive number or None, got -1.0"),
 }  # fmt: skip
 

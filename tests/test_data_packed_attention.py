@@ -1,14 +1,15 @@
 """Packed forward: with the document mask and restarting positions, every document's output equals the document
-run alone, for the masked attention itself, our GPT, transformers' GPT-2 and a tiny transformers Llama with
-packed position ids; without the mask (or with running positions) they differ."""
+run alone, for the attention front's document mask, our GPT's trunk, transformers' GPT-2 and a tiny
+transformers Llama with packed position ids; without the mask (or with running positions) they differ. The
+Triton kernel's document masking is tested with the other backends in tests/test_attention_*.py."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from impl.attention import attention
 from impl.common import tolerance
-from impl.data import pack_documents
-from impl.data.packed_attention import gpt_packed_forward, packed_attention
+from impl.data import attention_document_ids, pack_documents
 from impl.gpt import GPT, GPTConfig
 
 LENGTHS = (5, 9, 3, 11, 4, 7, 2)  # not multiples of anything; FFD into 16 leaves padding in some rows
@@ -43,15 +44,15 @@ def _assert_some_document_differs(docs, packed, packed_out, alone_fn):
     assert max(errors) > 1e-3
 
 
-METHODS = [("naive", "auto"), ("sdpa", "auto"), ("segments", "naive"), ("segments", "torch"), ("segments", "sdpa")]
+BACKENDS = ["naive", "sdpa", "torch"]
 
 
-@pytest.mark.parametrize(("method", "backend"), METHODS, ids=[f"{m}-{b}" for m, b in METHODS])
-def test_packed_attention_equals_each_document_alone(packed, method, backend):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_document_masked_attention_equals_each_document_alone(packed, backend):
     _, p = packed
     rows, heads, dim = p.document_ids.shape[0], 3, 8
     q, k, v = (torch.randn(rows, heads, SEQ_LEN, dim) for _ in range(3))
-    out = packed_attention(q, k, v, p.document_ids, method=method, backend=backend)
+    out = attention(q, k, v, causal=True, document_ids=attention_document_ids(p.document_ids), backend=backend)
 
     def alone(r, where):  # the reference: SDPA, causal, on the document's slice only
         sl = [t[r][:, where][None] for t in (q, k, v)]
@@ -64,16 +65,27 @@ def test_packed_attention_equals_each_document_alone(packed, method, backend):
     assert (plain - out).abs()[first[:, None, :, None].expand_as(out)].max() > 1e-3
 
 
+def test_attention_document_ids_puts_padding_last():
+    ids = torch.tensor([[3, 3, 1, -1, -1], [2, 2, 2, 2, 2]])  # FFD: documents out of id order, then padding
+    assert attention_document_ids(ids).tolist() == [[0, 0, 1, 2, 2], [0, 0, 0, 0, 0]]
+
+
 @pytest.fixture
 def gpt():
     return GPT(GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32)).eval()
 
 
-@pytest.mark.parametrize(("method", "backend"), METHODS, ids=[f"{m}-{b}" for m, b in METHODS])
+def _packed_logits(gpt, p):
+    return gpt(p.input_ids, position_ids=p.position_ids, document_ids=attention_document_ids(p.document_ids))[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @torch.no_grad()
-def test_gpt_packed_logits_equal_each_document_alone(gpt, packed, method, backend):
+def test_gpt_packed_logits_equal_each_document_alone(gpt, packed, backend):
     docs, p = packed
-    logits = gpt_packed_forward(gpt, p.input_ids, p.position_ids, p.document_ids, method=method, backend=backend)
+    for block in gpt.transformer.h:
+        block.attn.backend = backend
+    logits = _packed_logits(gpt, p)
     _assert_each_document_alone(docs, p, logits, lambda d: gpt(torch.tensor([docs[d]]))[0][0])
     plain, _ = gpt(p.input_ids)  # negative control: the packed rows through the plain causal model
     _assert_some_document_differs(docs, p, plain, lambda d: gpt(torch.tensor([docs[d]]))[0][0])
@@ -85,7 +97,7 @@ def test_gpt_packed_forward_matches_transformers_gpt2_with_packed_positions(gpt,
     """The live reference: transformers builds the same block-diagonal mask from restarting position ids."""
     _, p = packed
     hf = gpt.to_hf().eval()
-    ours = gpt_packed_forward(gpt, p.input_ids, p.position_ids, p.document_ids)
+    ours = _packed_logits(gpt, p)
     theirs = hf(input_ids=p.input_ids, position_ids=p.position_ids, use_cache=False).logits
     torch.testing.assert_close(ours, theirs, **ATOL_RTOL)  # padding segments included: both causal within them
     running = torch.arange(SEQ_LEN).expand_as(p.position_ids)  # negative control: positions that never restart
@@ -121,31 +133,15 @@ def test_llama_with_packed_position_ids_equals_each_document_alone(packed, attn_
     _assert_some_document_differs(docs, p, plain, alone)
 
 
-def test_bad_packed_attention_inputs(packed):
+def test_bad_packed_inputs(gpt, packed):
     _, p = packed
-    q = torch.randn(p.document_ids.shape[0], 2, SEQ_LEN, 4)
-    with pytest.raises(ValueError, match=r"method must be one of \('naive', 'sdpa', 'segments'\), got 'flex'"):
-        packed_attention(q, q, q, p.document_ids, method="flex")
-    with pytest.raises(
-        ValueError, match=r"document_ids must have shape \(rows, seq_len\) = \(\d+, 16\), got \(1, 16\)"
-    ):
-        packed_attention(q, q, q, p.document_ids[:1])
-    with pytest.raises(ValueError, match=r"q, k, v must share one \(rows, heads, seq_len, head_dim\) shape"):
-        packed_attention(q, q[:, :1], q, p.document_ids)
-    with pytest.raises(TypeError, match=r"document_ids must be a torch.Tensor, got list"):
-        packed_attention(q, q, q, p.document_ids.tolist())
-    with pytest.raises(TypeError, match=r"model must be an impl.gpt.GPT, got Linear"):
-        gpt_packed_forward(torch.nn.Linear(2, 2), p.input_ids, p.position_ids, p.document_ids)
-    with pytest.raises(ValueError, match=r"position_ids must be a \(rows, seq_len\) tensor shaped like input_ids"):
-        gpt = GPT(GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=8))
-        gpt_packed_forward(gpt, p.input_ids, p.position_ids[:, :3], p.document_ids)
-
-
-@pytest.mark.gpu
-def test_segments_through_the_triton_kernel_on_cuda(packed):
-    """The per-segment path lets the FlashAttention-2 Triton kernel serve packed rows without a mask argument."""
-    _, p = packed
-    doc_ids = p.document_ids.cuda()
-    q, k, v = (torch.randn(doc_ids.shape[0], 2, SEQ_LEN, 16, device="cuda") for _ in range(3))
-    out = packed_attention(q, k, v, doc_ids, method="segments", backend="triton")
-    torch.testing.assert_close(out, packed_attention(q, k, v, doc_ids, method="sdpa"), **ATOL_RTOL)
+    with pytest.raises(ValueError, match=r"document_ids must have shape \(\d+, 16\), got shape \(1, 16\)"):
+        gpt(p.input_ids, position_ids=p.position_ids, document_ids=p.document_ids[:1])
+    with pytest.raises(ValueError, match=r"position_ids must have shape \(\d+, 16\), got shape \(\d+, 3\)"):
+        gpt(p.input_ids, position_ids=p.position_ids[:, :3])
+    with pytest.raises(ValueError, match=r"position_ids must lie in \[0, 32\), got \d+"):
+        gpt(p.input_ids, position_ids=p.position_ids + 40)
+    with pytest.raises(ValueError, match=r"document_ids must be non-decreasing along each row"):
+        gpt(p.input_ids, document_ids=p.document_ids)  # raw packing ids: FFD order, padding (-1) last
+    with pytest.raises(TypeError, match=r"document_ids must be an integer tensor, got torch.float32"):
+        gpt(p.input_ids, document_ids=p.document_ids.float())

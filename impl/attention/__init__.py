@@ -1,14 +1,17 @@
 """Attention backends behind one front: naive, tiled FlashAttention in PyTorch, FlashAttention-2 in Triton, SDPA.
 
 `attention(q, k, v, causal=..., scale=..., backend=...)` takes (batch, heads, seq, head_dim) tensors; k/v may
-have fewer heads than q (grouped-query attention). `backend="auto"` picks Triton on CUDA and the tiled PyTorch
-version elsewhere.
+have fewer heads than q (grouped-query attention) and, with causal=True, more positions than q (a decode step
+over a KV cache: the causal mask is bottom-right aligned). Documents packed into one row are kept apart by
+`document_ids` (B, Nk) or `cu_seqlens`, an arbitrary boolean `mask` goes to the backends that read one (naive,
+torch, sdpa); `_checks.py` defines them. `backend="auto"` picks Triton on CUDA and the tiled PyTorch version
+elsewhere.
 """
 
 import torch
 import torch.nn.functional as F
 
-from impl.attention._checks import check_qkv
+from impl.attention._checks import check_masks, check_qkv, dense_mask
 from impl.attention.flash_torch import flash_attention_torch
 from impl.attention.flash_triton import flash_attention_triton
 from impl.attention.naive import naive_attention
@@ -19,8 +22,13 @@ __all__ = ["attention", "flash_attention_torch", "flash_attention_triton", "naiv
 BACKENDS = ("auto", "naive", "torch", "triton", "sdpa")
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+def _sdpa(q, k, v, *, causal: bool, scale: float, document_ids, mask) -> torch.Tensor:
+    """torch SDPA; anything but plain square causal attention goes in as an explicit boolean mask."""
+    gqa = q.shape[1] != k.shape[1]
+    if document_ids is None and mask is None and (not causal or q.shape[2] == k.shape[2]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    allowed = dense_mask(q.shape[2], k.shape[2], causal=causal, document_ids=document_ids, mask=mask, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
 
 
 def attention(
@@ -30,17 +38,22 @@ def attention(
     *,
     causal: bool = False,
     scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v through the chosen backend: auto, naive, torch, triton or sdpa."""
+    """softmax(q k^T * scale + log(allowed)) v through the chosen backend: auto, naive, torch, triton or sdpa."""
     check_one_of("backend", backend, BACKENDS)
     scale = check_qkv(q, k, v, causal, scale)
+    document_ids, mask = check_masks(q, k, document_ids, cu_seqlens, mask)
     if backend == "auto":
         backend = "triton" if q.is_cuda else "torch"
+    masks = {name: m for name, m in (("document_ids", document_ids), ("mask", mask)) if m is not None}
     if backend == "naive":
-        return naive_attention(q, k, v, causal=causal, scale=scale)
+        return naive_attention(q, k, v, causal=causal, scale=scale, **masks)
     if backend == "torch":
-        return flash_attention_torch(q, k, v, causal=causal, scale=scale)
+        return flash_attention_torch(q, k, v, causal=causal, scale=scale, **masks)
     if backend == "triton":
-        return flash_attention_triton(q, k, v, causal=causal, scale=scale)
-    return _sdpa(q, k, v, causal=causal, scale=scale)
+        return flash_attention_triton(q, k, v, causal=causal, scale=scale, **masks)
+    return _sdpa(q, k, v, causal=causal, scale=scale, document_ids=document_ids, mask=mask)

@@ -6,18 +6,29 @@ against, and the one whose memory grows as N^2.
 
 import torch
 
-from impl.attention._checks import check_qkv, repeat_kv
+from impl.attention._checks import check_masks, check_qkv, dense_mask, repeat_kv
 
 
 def naive_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention over (batch, heads, seq, head_dim) inputs; k/v may have fewer heads than q (GQA)."""
+    """Attention over (batch, heads, seq, head_dim) inputs; k/v may have fewer heads than q (GQA). The masks are
+    those of `impl.attention.attention` (causal bottom-right aligned, document ids, cumulative lengths, boolean)."""
     scale = check_qkv(q, k, v, causal, scale)
+    document_ids, mask = check_masks(q, k, document_ids, cu_seqlens, mask)
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Nq, Nk)
-    if causal:
-        n = q.shape[2]
-        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
+    allowed = dense_mask(
+        q.shape[2], k.shape[2], causal=causal, document_ids=document_ids, mask=mask, device=q.device
+    )
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v  # (B, H, Nq, D)

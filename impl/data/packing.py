@@ -15,7 +15,9 @@ both belong to the same document and j <= i:
     M[i, j] = (doc[i] == doc[j]) and (j <= i)
 
 Padding carries document id -1 and forms one segment of its own at the end of a row (positions restarting at
-0 too), so no row of the mask is empty and every attention output stays finite.
+0 too), so no row of the mask is empty and every attention output stays finite. The model reads packed rows
+through `GPT.trunk(..., position_ids=, document_ids=attention_document_ids(doc))`, whose attention front takes
+the mask as non-decreasing ids (padding becomes the row's last document).
 """
 
 import random
@@ -144,6 +146,15 @@ def document_mask(document_ids: torch.Tensor, causal: bool = True) -> torch.Tens
         T = document_ids.shape[1]
         mask &= torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
     return mask
+
+
+def attention_document_ids(document_ids: torch.Tensor) -> torch.Tensor:
+    """The ids the attention front takes, non-decreasing along each row: the index of each token's run of equal
+    ids within its row (FFD places documents out of id order; padding, -1 at a row's end, is the last run, so it
+    attends only to itself, as the -1 segment of `document_mask`)."""
+    check_tensor("document_ids", document_ids, shape=("rows", "seq_len"), integer=True)
+    starts = document_ids[:, 1:] != document_ids[:, :-1]  # (rows, seq_len - 1): a new run begins at t + 1
+    return torch.cat([torch.zeros_like(document_ids[:, :1]), starts.long().cumsum(1)], dim=1)
 
 
 def next_token_labels(packed: Packed) -> torch.Tensor:

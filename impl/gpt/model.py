@@ -8,6 +8,12 @@ of width 4 * n_embd, and the token embedding reused as the output projection (we
     h_l = h_{l-1} + attn(LN_1(h_{l-1})),   h_l = h_l + mlp(LN_2(h_l))
     logits = LN_f(h_L) @ W_e^T
 
+The trunk (embed -> blocks -> final norm, `GPT.trunk`) is the one every technique builds on: it takes
+`position_ids` and `document_ids` (packed rows), and skips parts that are absent (set to None), so a pipeline
+stage is this module with the other stages' layers removed, and tensor parallelism swaps its linears in place.
+The loss is `GPT.loss_fn(logits, targets)`, cross-entropy by default (tensor parallelism puts the vocab-parallel
+one there).
+
 Parameter names match Hugging Face's `GPT2LMHeadModel` one for one, so `from_hf` / `to_hf` are a key copy. The
 one catch: GPT-2's projections are `Conv1D` modules that store the weight as (in, out), where `nn.Linear`
 stores (out, in); the four such weights of each block (`_TRANSPOSED`) are transposed on the way in and out.
@@ -23,11 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from impl.attention import attention
-from impl.common.checks import check_int, check_positive_int
+from impl.common.checks import check_int, check_positive_int, check_tensor
 
 # HF GPT-2 Conv1D weights, stored (in, out); ours are nn.Linear weights, stored (out, in).
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_LN_EPS = 1e-5  # GPT-2's layer_norm_epsilon
+LN_EPS = 1e-5  # GPT-2's layer_norm_epsilon
 _HF_GELU = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation of GELU, as GPT-2 was trained with
 _ATTENTION_BACKENDS = ("auto", "naive", "sdpa", "torch", "triton")
 
@@ -69,12 +75,13 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.backend = config.attention_backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        y = attention(q, k, v, causal=True, backend=self.backend)  # (B, H, T, D)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+    def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.c_attn(x)  # (B, T, 3 * H * D); H is this module's heads (all, or a tensor-parallel share)
+        H = self.n_head
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(B, T, 3, H, -1).unbind(2))  # 3 x (B, H, T, D)
+        y = attention(q, k, v, causal=True, document_ids=document_ids, backend=self.backend)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -92,14 +99,19 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=_LN_EPS)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=LN_EPS)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=_LN_EPS)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=LN_EPS)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), document_ids)
         return x + self.mlp(self.ln_2(x))
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits (B, T, vocab) against targets (B, T); -100 targets are skipped."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
 class GPT(nn.Module):
@@ -114,11 +126,12 @@ class GPT(nn.Module):
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, eps=_LN_EPS),
+                ln_f=nn.LayerNorm(config.n_embd, eps=LN_EPS),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying
+        self.loss_fn = cross_entropy
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
@@ -136,27 +149,69 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets` (B, T) also the mean cross-entropy."""
-        self._check_tokens(idx, "idx")
-        B, T = idx.shape
-        if idx.shape[1] > self.config.block_size:
+    def trunk(
+        self,
+        idx: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, T, C): embed -> blocks -> final LayerNorm, each part skipped where it is None.
+
+        `idx` is token ids (B, T), or hidden states (B, T, C) when the embeddings are absent (a later pipeline
+        stage). `position_ids` (B, T) default to 0..T-1 (packed rows restart them per document); `document_ids`
+        (B, T), non-decreasing per row, keep packed documents from attending to each other.
+        """
+        tr = self.transformer
+        embeds = tr["wte"] is not None
+        if embeds:
+            self.check_tokens(idx, "idx")
+        else:
+            check_tensor("idx", idx, dim=3, floating=True)  # hidden states from the previous stage
+        B, T = idx.shape[:2]
+        if self.config.block_size < T:
             raise ValueError(f"idx has {T} positions, more than the model's block_size={self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        for name, t in (("position_ids", position_ids), ("document_ids", document_ids)):
+            if t is not None:
+                check_tensor(name, t, shape=(B, T), integer=True, device=idx.device)
+        x = idx
+        if embeds:
+            pos = torch.arange(T, device=idx.device) if position_ids is None else position_ids
+            if position_ids is not None and T:
+                low, high = int(pos.min()), int(pos.max())
+                if low < 0 or high >= self.config.block_size:
+                    bad = low if low < 0 else high
+                    raise ValueError(f"position_ids must lie in [0, {self.config.block_size}), got {bad}")
+            x = tr.drop(tr.wte(idx) + tr.wpe(pos))  # (B, T, C)
+        for block in tr.h:
+            x = block(x, document_ids)
+        return x if tr["ln_f"] is None else tr.ln_f(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets` (B, T) also `loss_fn(logits, targets)`,
+        the mean cross-entropy over targets that are not -100. Without a head (a pipeline stage that is not
+        the last) the trunk's hidden states come back in place of logits."""
+        x = self.trunk(idx, position_ids=position_ids, document_ids=document_ids)
+        if self.lm_head is None:
+            return x, None
+        logits = self.lm_head(x)  # (B, T, vocab), or this rank's vocabulary slice under tensor parallelism
         if targets is None:
             return logits, None
-        self._check_tokens(targets, "targets")
-        if targets.shape != idx.shape:
-            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        return logits, F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T))
+        self.check_tokens(targets, "targets")
+        if targets.shape != idx.shape[:2]:
+            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape[:2])}, got {tuple(targets.shape)}")
+        return logits, self.loss_fn(logits, targets)
 
-    def _check_tokens(self, t: torch.Tensor, name: str) -> None:
+    @staticmethod
+    def check_tokens(t: torch.Tensor, name: str) -> None:
+        """A (batch, time) torch.long tensor of token ids, or a TypeError/ValueError naming `name`."""
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 2:
@@ -178,7 +233,7 @@ class GPT(nn.Module):
         Each step samples from softmax(logits / temperature), restricted to the `top_k` likeliest tokens if
         given; `generator` makes the draw reproducible.
         """
-        self._check_tokens(idx, "idx")
+        self.check_tokens(idx, "idx")
         check_int("max_new_tokens", max_new_tokens, low=0)
         if not isinstance(temperature, int | float) or not temperature > 0:
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
@@ -204,7 +259,7 @@ class GPT(nn.Module):
         hf = model.config
         checks = {
             "activation_function": (hf.activation_function in _HF_GELU, f"one of {_HF_GELU}"),
-            "layer_norm_epsilon": (hf.layer_norm_epsilon == _LN_EPS, _LN_EPS),
+            "layer_norm_epsilon": (hf.layer_norm_epsilon == LN_EPS, LN_EPS),
             "n_inner": (hf.n_inner in (None, 4 * hf.n_embd), f"None or 4 * n_embd = {4 * hf.n_embd}"),
             "scale_attn_weights": (hf.scale_attn_weights, True),
             "scale_attn_by_inverse_layer_idx": (not hf.scale_attn_by_inverse_layer_idx, False),
@@ -245,7 +300,7 @@ class GPT(nn.Module):
             embd_pdrop=c.dropout,
             attn_pdrop=0.0,  # ours has no dropout on attention probabilities
             activation_function="gelu_new",
-            layer_norm_epsilon=_LN_EPS,
+            layer_norm_epsilon=LN_EPS,
             bos_token_id=None,
             eos_token_id=None,
         )

@@ -28,7 +28,8 @@ def _check_prompt_len(idx: torch.Tensor, prompt_len: int) -> None:
 
 
 class RewardModel(nn.Module):
-    """A GPT trunk (embeddings, blocks, final LayerNorm) with a linear head to one scalar per position."""
+    """The GPT's trunk (`GPT.trunk`: embeddings, blocks, final LayerNorm) with a linear head to one scalar per
+    position."""
 
     def __init__(self, config: GPTConfig, pool: str = "last"):
         super().__init__()
@@ -51,15 +52,7 @@ class RewardModel(nn.Module):
 
     def per_token(self, idx: torch.Tensor) -> torch.Tensor:
         """One scalar per position of the token ids `idx` (B, T): (B, T)."""
-        self.gpt._check_tokens(idx, "idx")
-        t = self.gpt.transformer
-        length, block_size = idx.shape[1], self.gpt.config.block_size
-        if length > block_size:
-            raise ValueError(f"idx has {length} positions, more than the model's block_size={block_size}")
-        x = t.drop(t.wte(idx) + t.wpe(torch.arange(length, device=idx.device)))  # (B, T, C)
-        for block in t.h:
-            x = block(x)
-        return self.head(t.ln_f(x)).squeeze(-1)  # (B, T)
+        return self.head(self.gpt.trunk(idx)).squeeze(-1)  # (B, T)
 
     def forward(self, idx: torch.Tensor, prompt_len: int = 1) -> torch.Tensor:
         """The reward of each sequence (B,): prompt in the first `prompt_len` positions, completion after."""
