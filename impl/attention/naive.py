@@ -1,7 +1,8 @@
 """Naive attention, softmax(Q K^T * scale) V with the N x N score matrix materialized.
 
 "Attention Is All You Need" (Vaswani et al., 2017), equation 1. The baseline every other backend is checked
-against, and the one whose memory grows as N^2.
+against, and the one whose memory grows as N^2. A query row whose mask hides every key gives 0 (and no
+gradient), as torch SDPA and the tiled backends do.
 """
 
 import torch
@@ -29,6 +30,8 @@ def naive_attention(
     allowed = dense_mask(
         q.shape[2], k.shape[2], causal=causal, document_ids=document_ids, mask=mask, device=q.device
     )
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v  # (B, H, Nq, D)
+    if allowed is None:
+        return torch.softmax(scores, dim=-1) @ v  # (B, H, Nq, D)
+    blind = ~allowed.any(-1, keepdim=True)  # rows that see no key (a dense mask only): 0, as torch SDPA gives
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(blind, 0.0)
+    return torch.softmax(scores, dim=-1).masked_fill(blind, 0.0) @ v
