@@ -10,7 +10,8 @@ context tokens that every attention layer attends to beside the image's own posi
   with the image's. Ramesh et al. 2022 ("DALL-E 2", section 2.1) condition their decoder on a CLIP image
   embedding the same two ways. The caller projects its condition: `cond` is (B, emb_dim), `context` (B, L, C_ctx).
 
-Resolutions: 8x8 (channels), 4x4 (2 x channels, with attention), and back up.
+Resolutions: 8x8 (channels), 4x4 (2 x channels, with attention), and back up. Attention goes through
+`impl.attention.attention` (not causal, no mask) with the backend `UNetConfig.attention_backend` (sdpa by default).
 """
 
 import math
@@ -20,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from impl.common.checks import check_int, check_positive_int, check_probability
+from impl.attention import attention
+from impl.common.checks import check_int, check_one_of, check_positive_int, check_probability
+
+ATTENTION_BACKENDS = ("auto", "naive", "sdpa", "torch", "triton")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -40,12 +44,14 @@ class UNetConfig:
     heads: int = 4  # attention heads at the half resolution
     groups: int = 8  # GroupNorm groups
     dropout: float = 0.0
+    attention_backend: str = "sdpa"  # impl.attention backend; sdpa is the fastest, the others are for study
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "channels", "emb_dim", "heads", "groups"):
             check_positive_int(f"UNetConfig.{name}", getattr(self, name))
         check_int("UNetConfig.context_dim", self.context_dim, low=0)
         check_probability("UNetConfig.dropout", self.dropout, high_open=True)
+        check_one_of("UNetConfig.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.channels % self.groups or (2 * self.channels) % self.heads:
             raise ValueError(
                 f"channels must be divisible by groups={self.groups} and 2*channels by heads={self.heads}, "
@@ -82,7 +88,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels: int, config: UNetConfig):
         super().__init__()
-        self.heads = config.heads
+        self.heads, self.backend = config.heads, config.attention_backend
         self.norm = nn.GroupNorm(config.groups, channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.context_kv = nn.Linear(config.context_dim, 2 * channels) if config.context_dim else None
@@ -95,7 +101,7 @@ class AttentionBlock(nn.Module):
             ck, cv = self.context_kv(context).chunk(2, dim=-1)  # (B, L, C) each
             k, v = torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)  # (B, L + HW, C)
         q, k, v = (z.unflatten(-1, (self.heads, C // self.heads)).transpose(1, 2) for z in (q, k, v))  # (B, h, N, d)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, HW, C)
+        out = attention(q, k, v, backend=self.backend).transpose(1, 2).flatten(2)  # (B, HW, C)
         return x + self.proj(out).transpose(1, 2).reshape(B, C, H, W)
 
 

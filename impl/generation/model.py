@@ -10,7 +10,14 @@ The forward pass works in cache *slots*: a call with T tokens fills slots [start
 and attends over slots [0, start + T). Rotary positions are passed separately, so left padding (slots holding
 no token, masked out by `key_mask`) does not shift the positions of the real tokens. Decoding reads every
 weight once per token, so the q/k/v and the gate/up projections are fused into one matmul each (as gpt-fast
-does); `from_hf` maps Hugging Face's `LlamaForCausalLM` names onto ours with one explicit key map.
+does); `from_hf` maps Hugging Face's `LlamaForCausalLM` names onto ours with one explicit key map. With
+`fused_projections=False` they stay separate linears named as Hugging Face names them (q_proj, k_proj, v_proj,
+gate_proj, up_proj), so LoRA targets them one by one, exactly as peft does on transformers' model.
+
+Attention goes through `impl.attention.attention` with the backend `config.attention_backend` (sdpa by default,
+the fastest on every device; naive, torch and triton for study). Each call passes only the filled cache slots
+[0, start + T): a prefill is causal (bottom-right aligned, so the T queries are the last T of the keys), a decode
+step (T == 1) sees every filled slot and needs no causal mask at all; left padding is a boolean key mask.
 """
 
 from dataclasses import dataclass
@@ -19,8 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from impl.common.checks import check_positive_int, check_positive_number, check_tensor
+from impl.attention import attention
+from impl.common.checks import check_bool, check_one_of, check_positive_int, check_positive_number, check_tensor
 from impl.generation.cache import KVCache
+
+ATTENTION_BACKENDS = ("auto", "naive", "sdpa", "torch", "triton")
 
 
 @dataclass
@@ -36,6 +46,8 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6  # RMSNorm epsilon
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
     head_dim: int | None = None  # per-head width; hidden_size // num_attention_heads when None
+    attention_backend: str = "sdpa"  # impl.attention backend; sdpa decodes fastest, the others are for study
+    fused_projections: bool = True  # q/k/v and gate/up as one matmul each; False: Hugging Face's separate linears
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -46,6 +58,8 @@ class LlamaConfig:
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         check_positive_int("config.head_dim", self.head_dim)
+        check_one_of("config.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        check_bool("config.fused_projections", self.fused_projections)
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"num_attention_heads must be a multiple of num_key_value_heads, got "
@@ -80,48 +94,62 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention; q, k and v come from one fused projection (one matmul per step)."""
+    """Causal grouped-query attention through `impl.attention`; q, k and v come from one fused projection (one
+    matmul per step), or from Hugging Face's three separate ones when `config.fused_projections` is False."""
 
     def __init__(self, config: LlamaConfig, layer: int):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.head_dim, self.backend = config.head_dim, config.attention_backend
+        self.fused = config.fused_projections
+        width, q_out, kv_out = config.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if self.fused:
+            self.qkv_proj = nn.Linear(width, q_out + 2 * kv_out, bias=False)
+        else:
+            self.q_proj = nn.Linear(width, q_out, bias=False)
+            self.k_proj = nn.Linear(width, kv_out, bias=False)
+            self.v_proj = nn.Linear(width, kv_out, bias=False)
+        self.o_proj = nn.Linear(q_out, width, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV = self.n_heads, self.n_kv_heads
-        qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, self.head_dim)  # heads: H queries, KV keys, KV values
+        qkv = self.qkv_proj(x) if self.fused else torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)
+        qkv = qkv.view(B, T, H + 2 * KV, self.head_dim)  # heads: H queries, KV keys, KV values
         qk = apply_rope(qkv[:, :, : H + KV], cos, sin)  # queries and keys rotated together
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, head_dim)
         k = qk[:, :, H:].transpose(1, 2)  # (B, KV, T, head_dim)
         v = qkv[:, :, H + KV :].transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(self.layer, start, k, v)  # (B, KV, start + T, head_dim)
-        if T == 1 and H != KV:
-            # Decode: a group's query heads become that group's queries, so each K/V head is read once instead
-            # of being repeated for every query head. (B, KV, H // KV, head_dim)
-            y = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, self.head_dim), k, v, attn_mask=mask)
+            k, v = cache.update(self.layer, start, k, v)  # the filled slots only: (B, KV, start + T, head_dim)
+        if T == 1:
+            # Decode: the one query is the newest slot and sees every filled one, so no causal mask. A group's
+            # query heads become that group's queries, so each K/V head is read once instead of being repeated
+            # for every query head: q is (B, KV, H // KV, head_dim).
+            y = attention(q.reshape(B, KV, H // KV, self.head_dim), k, v, mask=mask, backend=self.backend)
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=H != KV
-            )
+            y = attention(q, k, v, causal=True, mask=mask, backend=self.backend)  # bottom-right: queries are last
         y = y.reshape(B, H, T, self.head_dim).transpose(1, 2).reshape(B, T, H * self.head_dim)
         return self.o_proj(y)
 
 
 class MLP(nn.Module):
-    """SwiGLU; the gate and up projections are fused into one matmul."""
+    """SwiGLU; the gate and up projections are fused into one matmul unless `config.fused_projections` is False."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fused = config.fused_projections
+        width, hidden = config.hidden_size, config.intermediate_size
+        if self.fused:
+            self.gate_up_proj = nn.Linear(width, 2 * hidden, bias=False)
+        else:
+            self.gate_proj = nn.Linear(width, hidden, bias=False)
+            self.up_proj = nn.Linear(width, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -138,8 +166,8 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-def _hf_state_dict(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
-    """The key map from `LlamaForCausalLM` names to ours; q/k/v and gate/up are concatenated (output rows)."""
+def _hf_state_dict(sd: dict[str, torch.Tensor], layers: int, fused: bool) -> dict[str, torch.Tensor]:
+    """The key map from `LlamaForCausalLM` names to ours; fused, q/k/v and gate/up are concatenated (output rows)."""
     ours = {
         "embed_tokens.weight": sd["model.embed_tokens.weight"],
         "norm.weight": sd["model.norm.weight"],
@@ -149,16 +177,18 @@ def _hf_state_dict(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torch.
         hf = f"model.layers.{i}."
         ours |= {
             f"layers.{i}.attn_norm.weight": sd[hf + "input_layernorm.weight"],
-            f"layers.{i}.attn.qkv_proj.weight": torch.cat(
-                [sd[hf + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")]
-            ),
             f"layers.{i}.attn.o_proj.weight": sd[hf + "self_attn.o_proj.weight"],
             f"layers.{i}.mlp_norm.weight": sd[hf + "post_attention_layernorm.weight"],
-            f"layers.{i}.mlp.gate_up_proj.weight": torch.cat(
-                [sd[hf + "mlp.gate_proj.weight"], sd[hf + "mlp.up_proj.weight"]]
-            ),
             f"layers.{i}.mlp.down_proj.weight": sd[hf + "mlp.down_proj.weight"],
         }
+        attn = {n: sd[hf + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")}
+        mlp = {n: sd[hf + f"mlp.{n}_proj.weight"] for n in ("gate", "up")}
+        if fused:
+            ours[f"layers.{i}.attn.qkv_proj.weight"] = torch.cat(list(attn.values()))
+            ours[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(list(mlp.values()))
+        else:
+            ours |= {f"layers.{i}.attn.{n}_proj.weight": w for n, w in attn.items()}
+            ours |= {f"layers.{i}.mlp.{n}_proj.weight": w for n, w in mlp.items()}
     return ours
 
 
@@ -176,8 +206,9 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     @classmethod
-    def from_hf(cls, model) -> "Llama":
-        """A copy of a `transformers` `LlamaForCausalLM`: its config and weights, same dtype and device."""
+    def from_hf(cls, model, attention_backend: str = "sdpa", fused_projections: bool = True) -> "Llama":
+        """A copy of a `transformers` `LlamaForCausalLM`: its config and weights, same dtype and device; the
+        attention backend and the projection layout are ours to choose (see `LlamaConfig`)."""
         hf = model.config
         unsupported = {
             "hidden_act": (hf.hidden_act, "silu"),
@@ -200,11 +231,14 @@ class Llama(nn.Module):
             rms_norm_eps=hf.rms_norm_eps,
             tie_word_embeddings=hf.tie_word_embeddings,
             head_dim=hf.head_dim,
+            attention_backend=attention_backend,
+            fused_projections=fused_projections,
         )
         weight = model.lm_head.weight
         with torch.device("meta"):
             ours = cls(config)
-        state = {k: v.detach().clone() for k, v in _hf_state_dict(model.state_dict(), config.num_hidden_layers).items()}
+        mapped = _hf_state_dict(model.state_dict(), config.num_hidden_layers, fused_projections)
+        state = {k: v.detach().clone() for k, v in mapped.items()}
         ours.load_state_dict(state, assign=True)
         if config.tie_word_embeddings:  # assign=True replaced the shared Parameter on one side only
             ours.lm_head.weight = ours.embed_tokens.weight
@@ -261,16 +295,14 @@ class Llama(nn.Module):
 
 
 def _attention_mask(key_mask: torch.Tensor | None, start: int, T: int, device) -> torch.Tensor | None:
-    """Boolean (B, 1, T, start + T): query slot start + i sees key slot j <= start + i that holds a token.
+    """Boolean (B, 1, T, start + T) key mask, or None without padding: query slot start + i sees key slot j if
+    j holds a token; the causal part (j <= start + i) is the attention front's `causal` flag.
 
-    A query slot always sees itself, so a padding slot's row is never empty (its output is unused). None when
-    SDPA's own causal flag (or no mask at all, for one query) says the same thing.
+    A query slot always sees itself, so a padding slot's row is never empty (its output is unused, but a fully
+    masked row would be NaN, and that NaN would reach the real rows through the padding slot's keys and values).
     """
-    if key_mask is None and (start == 0 or T == 1):
+    if key_mask is None:
         return None
     keys = torch.arange(start + T, device=device)
     queries = torch.arange(start, start + T, device=device)[:, None]
-    allowed = keys <= queries  # (T, start + T)
-    if key_mask is not None:
-        allowed = allowed & (key_mask.bool()[:, None, :] | (keys == queries))  # (B, T, start + T)
-    return allowed.expand(key_mask.shape[0] if key_mask is not None else 1, T, start + T)[:, None]
+    return (key_mask.bool()[:, None, :] | (keys == queries))[:, None]  # (B, 1, T, start + T)
