@@ -12,8 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from impl.clip import clip_loss, nt_xent_loss
-from impl.clip.train import zero_shot_predict
+from impl.clip import clip_loss, nt_xent_loss, zero_shot_predict
 from impl.common import tolerance
 
 TOL = tolerance(torch.float32)

@@ -4,19 +4,9 @@ templates and with templates it never saw; the model, tokenizer and CLI check th
 import pytest
 import torch
 
-from impl.clip import CLIP
-from impl.clip.model import CLIPConfig, WordTokenizer
-from impl.clip.train import (
-    CLASS_NAMES,
-    TRAIN_TEMPLATES,
-    UNSEEN_TEMPLATES,
-    TrainConfig,
-    confusion_figure,
-    load_digits_split,
-    main,
-    train,
-    zero_shot_accuracy,
-)
+from impl.clip import CLIP, CLIPConfig, WordTokenizer, zero_shot_accuracy
+from impl.clip.train import TrainConfig, confusion_figure, main, train
+from impl.data import CLASS_NAMES, TRAIN_TEMPLATES, UNSEEN_TEMPLATES, load_digits_split
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ import json
 import pytest
 import torch
 
-from impl.clip import CLIP
-from impl.clip.model import CLIPConfig
+from impl.clip import CLIP, CLIPConfig
 from impl.common import assert_close_to_reference_error, tolerance
 from impl.diffusion import glide
 from impl.diffusion.digits import DigitJudge

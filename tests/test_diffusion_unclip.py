@@ -10,15 +10,12 @@ import json
 import pytest
 import torch
 
-from impl.clip import CLIP
-from impl.clip.model import CLIPConfig
-from impl.clip.train import TrainConfig as ClipTrainConfig
-from impl.clip.train import load_digits_split
-from impl.clip.train import train as train_clip
+from impl.clip import CLIP, CLIPConfig, CLIPTrainConfig, train_clip
 from impl.common import assert_close_to_reference_error, tolerance
+from impl.data import digit_prompts, load_digits_split
 from impl.diffusion import unclip
 from impl.diffusion.digits import DigitJudge
-from impl.diffusion.glide import digit_prompts, make_tokenizer
+from impl.diffusion.glide import make_tokenizer
 from impl.diffusion.unet import UNetConfig
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
@@ -150,7 +147,7 @@ def test_training_is_repeatable_regresses_clean_embeddings_and_keeps_clip_frozen
 def test_a_short_real_training_draws_the_captioned_digits_and_keeps_them_in_variations():
     """The default CLIP, then 400 steps each of a small prior and decoder (about 40 s on 2 cores). Negative
     controls: the samples judged against the next digit, and CLIP's similarity to the wrong caption."""
-    clip = train_clip(ClipTrainConfig())
+    clip = train_clip(CLIPTrainConfig())
     decoder = unclip.DecoderConfig(unet=UNetConfig(channels=16, emb_dim=64, groups=8, context_dim=32))
     models = dict(prior=unclip.PriorConfig(width=64, layers=2), decoder=decoder)
     config = unclip.TrainConfig(prior_steps=400, decoder_steps=400, batch_size=64, lr=3e-3, **models)

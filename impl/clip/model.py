@@ -15,17 +15,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from impl.clip.losses import clip_logits, clip_loss
-from impl.common.checks import check_number, check_positive_int
+from impl.common.checks import check_int, check_number, check_positive_int, check_tensor
 
 PAD, UNK, EOT = "<pad>", "<unk>", "<eot>"
 
 
 class WordTokenizer:
-    """Lower-case whitespace words; ids 0..2 are padding, unknown word and end-of-text."""
+    """Lower-case whitespace words after the special tokens: `pad_id`, `unk_id`, `eot_id` (end of text)."""
+
+    SPECIALS = (PAD, UNK, EOT)
+    pad_id, unk_id, eot_id = SPECIALS.index(PAD), SPECIALS.index(UNK), SPECIALS.index(EOT)  # in every vocabulary
 
     def __init__(self, texts: list[str]):
-        words = sorted({w for t in texts for w in t.lower().split()})
-        self.vocab = [PAD, UNK, EOT, *words]
+        words = sorted({w for t in texts for w in t.lower().split()} - set(self.SPECIALS))
+        self.vocab = [*self.SPECIALS, *words]
         self.ids = {w: i for i, w in enumerate(self.vocab)}
 
     def __len__(self) -> int:
@@ -35,10 +38,10 @@ class WordTokenizer:
         """(len(texts), context_length) ids, each text followed by <eot> and padded; too long raises."""
         rows = []
         for text in texts:
-            ids = [self.ids.get(w, self.ids[UNK]) for w in text.lower().split()] + [self.ids[EOT]]
+            ids = [self.ids.get(w, self.unk_id) for w in text.lower().split()] + [self.eot_id]
             if len(ids) > context_length:
                 raise ValueError(f"texts must fit context_length={context_length} with <eot>, got {text!r}")
-            rows.append(ids + [self.ids[PAD]] * (context_length - len(ids)))
+            rows.append(ids + [self.pad_id] * (context_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long)
 
 
@@ -79,25 +82,54 @@ class ImageEncoder(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, config: CLIPConfig):
-        super().__init__()
-        self.tok_emb = nn.Embedding(config.vocab_size, config.width)
-        self.pos_emb = nn.Parameter(torch.randn(config.context_length, config.width) * 0.01)
-        layer = nn.TransformerEncoderLayer(
-            config.width, config.heads, 4 * config.width, dropout=0.0, activation="gelu", batch_first=True,
-            norm_first=True,
-        )  # fmt: skip
-        self.blocks = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
-        self.ln_final = nn.LayerNorm(config.width)
-        self.proj = nn.Linear(config.width, config.embed_dim, bias=False)
-        self.eot_id = 2
+    """Caption tokens -> (pooled (B, embed_dim), sequence (B, T, width)): a causal pre-LayerNorm transformer, so the
+    final LayerNorm at the first <eot> has seen the whole caption (CLIP's pooled feature, projected to embed_dim
+    unless embed_dim is None); the whole normalized sequence is what GLIDE's UNet attends to."""
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def __init__(
+        self, vocab_size: int, context_length: int, width: int, layers: int, heads: int,
+        embed_dim: int | None = None, eot_id: int = WordTokenizer.eot_id,
+    ):  # fmt: skip
+        super().__init__()
+        for name, value in dict(vocab_size=vocab_size, context_length=context_length, width=width, layers=layers,
+                                heads=heads).items():  # fmt: skip
+            check_positive_int(name, value)
+        if width % heads:
+            raise ValueError(f"width must be divisible by heads={heads}, got {width}")
+        self.context_length = context_length
+        self.eot_id = check_int("eot_id", eot_id, low=0, high=vocab_size - 1)
+        self.tok_emb = nn.Embedding(vocab_size, width)
+        self.pos_emb = nn.Parameter(torch.randn(context_length, width) * 0.01)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.ln_final = nn.LayerNorm(width)
+        if embed_dim is not None:
+            check_positive_int("embed_dim", embed_dim)
+        self.proj = None if embed_dim is None else nn.Linear(width, embed_dim, bias=False)
+
+    def check_tokens(self, tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """(B, T) integer ids, T <= context_length (or T == length), an <eot> in every row."""
+        check_tensor("tokens", tokens, integer=True)
+        want = f"T<={self.context_length}" if length is None else str(length)
+        if tokens.dim() != 2 or tokens.shape[1] > self.context_length or length not in (None, tokens.shape[1]):
+            raise ValueError(f"tokens must have shape (B, {want}), got {tuple(tokens.shape)}")
+        if not (tokens == self.eot_id).any(dim=1).all():
+            raise ValueError("tokens must hold an <eot> token in every row, got a row without one")
+        return tokens
+
+    def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled (B, embed_dim or width), sequence (B, T, width)); the caller checks the tokens."""
         T = tokens.shape[1]
         causal = nn.Transformer.generate_square_subsequent_mask(T, device=tokens.device)
-        x = self.blocks(self.tok_emb(tokens) + self.pos_emb[:T], mask=causal, is_causal=True)  # (B, T, width)
-        eot = (tokens == self.eot_id).int().argmax(dim=1)  # the first <eot> of each row
-        return self.proj(self.ln_final(x[torch.arange(len(tokens)), eot]))  # (B, embed_dim)
+        seq = self.ln_final(self.blocks(self.tok_emb(tokens) + self.pos_emb[:T], mask=causal, is_causal=True))
+        eot = (tokens == self.eot_id).int().argmax(dim=1)  # (B,) the first <eot> of each row
+        pooled = seq[torch.arange(len(tokens), device=tokens.device), eot]  # (B, width)
+        return (pooled if self.proj is None else self.proj(pooled)), seq
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encode(tokens)[0]
 
 
 class CLIP(nn.Module):
@@ -107,7 +139,9 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = config
         self.visual = ImageEncoder(config)
-        self.text = TextEncoder(config)
+        self.text = TextEncoder(
+            config.vocab_size, config.context_length, config.width, config.layers, config.heads, config.embed_dim
+        )
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -118,11 +152,7 @@ class CLIP(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids, each row holding an <eot> -> (B, embed_dim) unit-norm embeddings."""
-        if tokens.dim() != 2 or tokens.shape[1] > self.config.context_length:
-            raise ValueError(f"tokens must have shape (B, T<={self.config.context_length}), got {tuple(tokens.shape)}")
-        if not (tokens == self.text.eot_id).any(dim=1).all():
-            raise ValueError("tokens must hold an <eot> token in every row, got a row without one")
-        return F.normalize(self.text(tokens), dim=-1)
+        return F.normalize(self.text(self.text.check_tokens(tokens)), dim=-1)
 
     def clamp_logit_scale(self) -> None:
         """Keep exp(logit_scale) <= 100 (CLIP section 2.5); call after each optimizer step."""

@@ -1,11 +1,11 @@
 """python -m impl.clip.train: CLIP trained on scikit-learn's digits with captions, then zero-shot classification.
 
 The teaching version of CLIP (Radford et al. 2021) on real data that ships with scikit-learn: 1,797 8x8 digits,
-each paired with a caption drawn from several templates ("a hand written number three", ...). Zero-shot
-classification is the paper's section 3.1.2 recipe: embed one prompt per class (averaged over templates, the
-prompt ensembling of section 3.1.4), and pick the class whose text embedding has the largest cosine with the
-image's. It is judged on a held-out split of the images, with the training templates and with templates the
-model never saw.
+each paired with a caption drawn from several templates ("a hand written number three", ...; the data set, its
+split and templates live in impl.data). Zero-shot classification is the paper's section 3.1.2 recipe: embed one
+prompt per class (averaged over templates, the prompt ensembling of section 3.1.4), and pick the class whose text
+embedding has the largest cosine with the image's. It is judged on a held-out split of the images, with the
+training templates and with templates the model never saw.
 
     python -m impl.clip.train --epochs 15 --out runs/clip  # accuracies, confusion.png
 """
@@ -20,18 +20,7 @@ from impl.clip.losses import check_unit_norm
 from impl.clip.model import CLIP, CLIPConfig, WordTokenizer
 from impl.common import resolve_device, seed_everything
 from impl.common.checks import check_number, check_positive_int, check_positive_number, check_probability
-
-CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-TRAIN_TEMPLATES = (
-    "a hand written number {}",
-    "a picture of the digit {}",
-    "an image of a {}",
-    "the number {}",
-    "a photo of the handwritten digit {}",
-    "a small blurry {}",
-)
-# Templates never used for a training caption: the same words in new combinations.
-UNSEEN_TEMPLATES = ("a photo of the number {}", "an image of the hand written digit {}", "a blurry picture of a {}")
+from impl.data import CLASS_NAMES, TRAIN_TEMPLATES, UNSEEN_TEMPLATES, caption_texts, captions, load_digits_split
 
 
 @dataclass
@@ -61,24 +50,6 @@ class TrainResult:
     accuracy: float  # zero-shot accuracy on the held-out split, training templates ensembled
     unseen_accuracy: dict[str, float]  # per unseen template, and "ensemble" over all of them
     confusion: torch.Tensor  # (10, 10) counts, rows true digit, columns predicted, held-out split
-
-
-def load_digits_split(test_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """(train_images, train_labels, test_images, test_labels); images (N, 1, 8, 8) in [0, 1]."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    tr, te = train_test_split(range(len(labels)), test_size=test_fraction, random_state=seed, stratify=digits.target)
-    return images[tr], labels[tr], images[te], labels[te]
-
-
-def captions(labels: torch.Tensor, templates: tuple[str, ...], generator: torch.Generator) -> list[str]:
-    """One caption per label, each from a template drawn at random."""
-    picks = torch.randint(len(templates), (len(labels),), generator=generator).tolist()
-    return [templates[t].format(CLASS_NAMES[y]) for t, y in zip(picks, labels.tolist(), strict=True)]
 
 
 @torch.no_grad()
@@ -122,7 +93,7 @@ def train(config: TrainConfig | None = None, progress: bool = False) -> TrainRes
     seed_everything(config.seed)
     device = resolve_device(config.device)
     train_x, train_y, test_x, test_y = load_digits_split(config.test_fraction, config.seed)
-    tokenizer = WordTokenizer([t.format(n) for t in TRAIN_TEMPLATES for n in CLASS_NAMES])
+    tokenizer = WordTokenizer(caption_texts(TRAIN_TEMPLATES))
     config.model.vocab_size = len(tokenizer)
     model = CLIP(config.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)

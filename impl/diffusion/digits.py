@@ -8,10 +8,10 @@ judges, and its own held-out accuracy (about 99%) is the ceiling any generator c
 
 import torch
 
-from impl.clip.train import CLASS_NAMES, load_digits_split
 from impl.common.checks import is_int
+from impl.data import load_digits_split
 
-__all__ = ["CLASS_NAMES", "DigitJudge", "from_model_space", "image_grid", "to_model_space"]
+__all__ = ["DigitJudge", "from_model_space", "image_grid", "to_model_space"]
 
 
 def to_model_space(images: torch.Tensor) -> torch.Tensor:

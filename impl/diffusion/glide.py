@@ -2,11 +2,13 @@
 scikit-learn's digits, sampled with classifier-free guidance or with CLIP guidance (the CLIP of impl.clip).
 
 Nichol et al. 2022, "GLIDE: Towards Photorealistic Image Generation and Editing with Text-Guided Diffusion Models":
-- Section 3.1: a transformer encodes the caption. Its final token's embedding is added to the timestep
-  embedding; its whole token sequence is projected into every attention layer of the UNet as extra keys and
-  values (impl/diffusion/unet.py). The text encoder trains with the diffusion model, from scratch.
+- Section 3.1: a transformer encodes the caption (CLIP's text encoder class, impl.clip.TextEncoder, with its own
+  weights). Its final token's embedding is added to the timestep embedding; its whole token sequence is projected
+  into every attention layer of the UNet as extra keys and values (impl/diffusion/unet.py). The text encoder
+  trains with the diffusion model, from scratch.
 - Sections 2.3 and 3.2, classifier-free guidance: the caption is swapped for the empty one in 20% of training
-  examples, and sampling uses eps(x_t | "") + s (eps(x_t | c) - eps(x_t | "")) (Ho & Salimans 2021, Eq. 6).
+  examples, and sampling uses eps(x_t | "") + s (eps(x_t | c) - eps(x_t | "")) (Ho & Salimans 2021, Eq. 6;
+  impl.diffusion.guidance, with both captions encoded once per sampling run).
   s = 1 is the plain conditional model, s = 0 the unconditional one.
 - Sections 2.4 and 3.4, CLIP guidance: move the sample along the gradient of the CLIP similarity f(x) . g(c).
   GLIDE uses CLIP models trained on noised images x_t. Ours (impl.clip) saw only clean digits, so it judges the
@@ -31,10 +33,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from impl.clip.model import CLIP, WordTokenizer
-from impl.clip.train import CLASS_NAMES, TRAIN_TEMPLATES, captions, load_digits_split
+from impl.clip import CLIP, CLIPTrainConfig, TextEncoder, WordTokenizer, train_clip
 from impl.common import resolve_device, seed_everything
+from impl.data import EVAL_TEMPLATE, TRAIN_TEMPLATES, caption_texts, captions, digit_prompts, load_digits_split
 from impl.diffusion.digits import DigitJudge, from_model_space, image_grid, to_model_space
+from impl.diffusion.guidance import guided_denoiser
 from impl.diffusion.loops import (
     SAMPLERS,
     check_scale,
@@ -48,7 +51,10 @@ from impl.diffusion.loops import (
 )
 from impl.diffusion.unet import UNet, UNetConfig
 
-EVAL_TEMPLATE = "a hand written number {}"  # the caption samples are asked for and judged against
+__all__ = [  # EVAL_TEMPLATE and digit_prompts are impl.data's, kept here for the callers of glide.*
+    "EVAL_TEMPLATE", "Glide", "GlideConfig", "GlideModel", "TrainConfig", "clip_guided", "digit_prompts", "main",
+    "make_tokenizer", "sample", "train",
+]
 
 
 @dataclass
@@ -84,46 +90,21 @@ class TrainConfig:
         check_train_config(self, ("steps", "batch_size", "num_train_timesteps"), ("p_uncond", "ema_decay"))
 
 
-class TextEncoder(nn.Module):
-    """Caption tokens -> (final token embedding (B, W), token sequence (B, T, W)); causal, so <eot> has seen all."""
-
-    def __init__(self, config: GlideConfig):
-        super().__init__()
-        self.tok_emb = nn.Embedding(config.vocab_size, config.text_width)
-        self.pos_emb = nn.Parameter(torch.randn(config.context_length, config.text_width) * 0.01)
-        layer = nn.TransformerEncoderLayer(
-            config.text_width, config.text_heads, 4 * config.text_width, dropout=0.0, activation="gelu",
-            batch_first=True, norm_first=True,
-        )  # fmt: skip
-        self.blocks = nn.TransformerEncoder(layer, config.text_layers, enable_nested_tensor=False)
-        self.ln_final = nn.LayerNorm(config.text_width)
-        self.eot_id = 2  # WordTokenizer's <eot>
-
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        T = tokens.shape[1]
-        causal = nn.Transformer.generate_square_subsequent_mask(T, device=tokens.device)
-        seq = self.ln_final(self.blocks(self.tok_emb(tokens) + self.pos_emb[:T], mask=causal, is_causal=True))
-        eot = (tokens == self.eot_id).int().argmax(dim=1)  # (B,) first <eot>
-        return seq[torch.arange(len(tokens), device=tokens.device), eot], seq
-
-
 class GlideModel(nn.Module):
     """eps_theta(x_t, t | caption): the caption transformer and the UNet, trained together."""
 
     def __init__(self, config: GlideConfig):
         super().__init__()
         self.config = config
-        self.text = TextEncoder(config)
+        self.text = TextEncoder(  # CLIP's text encoder, its own weights, no projection: GLIDE trains it from scratch
+            config.vocab_size, config.context_length, config.text_width, config.text_layers, config.text_heads
+        )
         self.to_cond = nn.Linear(config.text_width, config.unet.emb_dim)  # final token -> timestep embedding
         self.unet = UNet(config.unet)
 
     def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) ids -> (cond (B, emb_dim), context (B, T, text_width)) for the UNet."""
-        if tokens.dim() != 2 or tokens.shape[1] != self.config.context_length:
-            raise ValueError(f"tokens must have shape (B, {self.config.context_length}), got {tuple(tokens.shape)}")
-        if not (tokens == self.text.eot_id).any(dim=1).all():
-            raise ValueError("tokens must hold an <eot> token in every row, got a row without one")
-        final, seq = self.text(tokens)
+        final, seq = self.text.encode(self.text.check_tokens(tokens, length=self.config.context_length))
         return self.to_cond(final), seq
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -143,7 +124,7 @@ class Glide:
 
 
 def make_tokenizer() -> WordTokenizer:
-    return WordTokenizer([t.format(n) for t in TRAIN_TEMPLATES for n in CLASS_NAMES])
+    return WordTokenizer(caption_texts(TRAIN_TEMPLATES))
 
 
 def train(config: TrainConfig | None = None, progress: bool = False) -> Glide:
@@ -214,27 +195,14 @@ def sample(
     scheduler = make_scheduler(sampler, **glide.schedule)
     n, length = len(texts), model.config.context_length
     tokens = glide.tokenizer.encode([""] * n + texts, length).to(device)  # [uncond; cond]
-    cond, context = model.encode_text(tokens)
-
-    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if guidance_scale == 1:  # the conditional model alone: half the work
-            return model.unet(x, t, cond[n:], context[n:])
-        out = model.unet(torch.cat([x, x]), torch.cat([t, t]), cond, context)  # one call on [uncond; cond]
-        eps_uncond, eps_cond = out.chunk(2)
-        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-
+    cond, context = model.encode_text(tokens)  # once per sampling run, not per step
+    eps_fn = guided_denoiser(model.unet, (cond[n:], context[n:]), (cond[:n], context[:n]), guidance_scale)
     if clip_guidance_scale > 0:
         clip_tokens = clip_tokenizer.encode(texts, clip.config.context_length).to(device)
         eps_fn = clip_guided(eps_fn, scheduler, clip.eval(), clip.encode_text(clip_tokens), clip_guidance_scale)
     noise = gaussian((n, 1, 8, 8), generator, device)
     x = denoise(eps_fn, scheduler, noise, num_inference_steps, eta=eta, generator=generator, progress=progress)
     return from_model_space(x)
-
-
-def digit_prompts(per_digit: int, template: str = EVAL_TEMPLATE) -> tuple[list[str], torch.Tensor]:
-    """`per_digit` captions for each digit 0..9, digit-major, and their labels."""
-    labels = torch.arange(10).repeat_interleave(per_digit)
-    return [template.format(CLASS_NAMES[y]) for y in labels.tolist()], labels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,10 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         grids[f"grid_cfg_{scale:g}"] = image_grid(images, rows=10)
         print(f"guidance scale {scale:g}: {metrics['accuracy'][f'cfg_{scale:g}']:.1%} judged the requested digit")
     if args.clip_guidance_scale > 0:
-        from impl.clip.train import TrainConfig as ClipTrainConfig
-        from impl.clip.train import train as train_clip
-
-        clip = train_clip(ClipTrainConfig(epochs=args.clip_epochs, seed=config.seed, device=config.device))
+        clip = train_clip(CLIPTrainConfig(epochs=args.clip_epochs, seed=config.seed, device=config.device))
         images = sample(glide, texts, guidance_scale=0.0, clip=clip.model, clip_tokenizer=clip.tokenizer,
                         clip_guidance_scale=args.clip_guidance_scale, generator=torch.Generator().manual_seed(1),
                         **settings)  # fmt: skip

@@ -28,15 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from impl.clip.model import CLIP, WordTokenizer
-from impl.clip.train import CLASS_NAMES, TRAIN_TEMPLATES, captions, load_digits_split
-from impl.clip.train import TrainConfig as ClipTrainConfig
-from impl.clip.train import train as train_clip
+from impl.clip import CLIP, CLIPTrainConfig, WordTokenizer, train_clip
 from impl.common import resolve_device, seed_everything
 from impl.common.checks import check_positive_int
+from impl.data import CLASS_NAMES, EVAL_TEMPLATE, TRAIN_TEMPLATES, captions, digit_prompts, load_digits_split
 from impl.diffusion.digits import DigitJudge, from_model_space, image_grid, to_model_space
-from impl.diffusion.glide import EVAL_TEMPLATE, digit_prompts
-from impl.diffusion.guidance import classifier_free_guidance
+from impl.diffusion.guidance import guided_denoiser
 from impl.diffusion.loops import (
     SAMPLERS,
     check_scale,
@@ -174,7 +171,7 @@ def train(
     seed_everything(config.seed)
     device = resolve_device(config.device)
     if clip is None:
-        trained = train_clip(ClipTrainConfig(seed=config.seed, device=config.device), progress=progress)
+        trained = train_clip(CLIPTrainConfig(seed=config.seed, device=config.device), progress=progress)
         clip, clip_tokenizer = trained.model, trained.tokenizer
     clip = clip.to(device).eval().requires_grad_(False)
     config.prior.embed_dim = config.decoder.embed_dim = clip.config.embed_dim
@@ -216,13 +213,7 @@ def train(
 
 def _guided(model: nn.Module, cond: torch.Tensor, scale: float):
     """Classifier-free guidance with a zero condition as 'unconditional' (scale 1: the conditional model alone)."""
-
-    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if scale == 1:
-            return model(x, t, cond)
-        return classifier_free_guidance(model, x, t, cond, torch.zeros_like(cond), scale)
-
-    return model_fn
+    return guided_denoiser(model, cond, torch.zeros_like(cond), scale)
 
 
 @torch.no_grad()
@@ -326,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=cli.non_negative_int, default=None)
     parser.add_argument("--device", type=cli.device, default=None)
     parser.add_argument(
-        "--clip-epochs", type=cli.positive_int, default=ClipTrainConfig.epochs, help="epochs of the CLIP trained first"
+        "--clip-epochs", type=cli.positive_int, default=CLIPTrainConfig.epochs, help="epochs of the CLIP trained first"
     )
     parser.add_argument("--prior-guidance-scale", type=cli.non_negative_float, default=2.0)
     parser.add_argument("--decoder-guidance-scale", type=cli.non_negative_float, default=3.0)
@@ -337,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     defaults = TrainConfig()
     config = TrainConfig(**{k: v for k, v in vars(args).items() if hasattr(defaults, k) and v is not None})
-    clip = train_clip(ClipTrainConfig(epochs=args.clip_epochs, seed=config.seed, device=config.device), progress=True)
+    clip = train_clip(CLIPTrainConfig(epochs=args.clip_epochs, seed=config.seed, device=config.device), progress=True)
     print(f"CLIP zero-shot accuracy on held-out digits: {clip.accuracy:.3f}")
     unclip = train(config, clip=clip.model, clip_tokenizer=clip.tokenizer, progress=True)
     judge = DigitJudge(config.test_fraction, config.seed)
