@@ -4,15 +4,19 @@ context keys/values of GLIDE and of diffusers' unCLIP UNet), its timestep embedd
 training loss and the sampling loop equal the same steps written with diffusers' schedulers; the digit judge
 knows real digits."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from impl.attention import attention
 from impl.common import assert_close_to_reference_error, tolerance
 from impl.diffusion.digits import DigitJudge, image_grid
 from impl.diffusion.loops import denoise, diffusion_loss, fit, make_scheduler
 from impl.diffusion.unet import AttentionBlock, ResBlock, UNet, UNetConfig, timestep_embedding
 
 CONFIG = UNetConfig(channels=16, emb_dim=32, context_dim=24, heads=4, groups=4)
+BACKENDS = ["naive", "sdpa", "torch"]  # impl.attention backends that run on CPU (triton: see the GPU tests)
 
 
 @pytest.fixture
@@ -72,9 +76,10 @@ def _diffusers_attention(ours: AttentionBlock, with_context: bool):
     return ref
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_context", [True, False], ids=["context", "self-only"])
-def test_attention_block_equals_diffusers_attention(diffusers, with_context):
-    ours = AttentionBlock(32, CONFIG)
+def test_attention_block_equals_diffusers_attention(diffusers, with_context, backend):
+    ours = AttentionBlock(32, replace(CONFIG, attention_backend=backend))
     _randomize(ours, 1)
     ref = _diffusers_attention(ours, with_context)
     x, context = torch.randn(2, 32, 4, 4), torch.randn(2, 5, CONFIG.context_dim)
@@ -117,6 +122,38 @@ def test_unet_conditions_on_cond_and_context_and_checks_shapes():
         unet(x, t, cond, torch.randn(2, 3, 8))
     with pytest.raises(ValueError, match="channels must be divisible by groups=8"):
         UNetConfig(channels=20)
+    with pytest.raises(ValueError, match=r"UNetConfig\.attention_backend must be one of .* got 'flash'"):
+        UNetConfig(attention_backend="flash")
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+def test_unet_backends_equal_sdpa_forward_and_backward(backend, monkeypatch):
+    """The whole UNet with its attention on `backend` equals the same weights on sdpa: output and every weight's
+    gradient. Negative control: every call reaches the front with the configured backend, and a UNet whose
+    attention drops the context keys (a wrong attention) leaves the sdpa output."""
+    torch.manual_seed(0)
+    reference = UNet(CONFIG)
+    _randomize(reference, 3)
+    ours = UNet(replace(CONFIG, attention_backend=backend))
+    ours.load_state_dict(reference.state_dict())
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 500])
+    cond, context = torch.randn(2, CONFIG.emb_dim), torch.randn(2, 3, CONFIG.context_dim)
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["backend"])
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr("impl.diffusion.unet.attention", spy)
+    out, expected = ours(x, t, cond, context), reference(x, t, cond, context)
+    assert seen == [backend] * 3 + ["sdpa"] * 3  # three attention blocks each
+    torch.testing.assert_close(out, expected, **tolerance(torch.float32))
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, **tolerance(torch.float32), msg=name)
+    monkeypatch.setattr("impl.diffusion.unet.attention", lambda q, k, v, **kw: attention(q, k[:, :, 3:], v[:, :, 3:]))
+    assert not torch.allclose(ours(x, t, cond, context), expected, **tolerance(torch.float32))
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
