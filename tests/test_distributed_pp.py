@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 
 from impl.common import MemoryMeter, tolerance
-from impl.distributed import PipelineSchedule, spawn
-from impl.distributed.pipeline import SCHEDULES, gpt_loss, schedule_order, split_gpt, sync_tied_gradients
-from impl.gpt.model import GPT, GPTConfig
+from impl.distributed import GPTStage, PipelineSchedule, spawn, split_gpt
+from impl.distributed.pipeline import SCHEDULES, gpt_loss, schedule_order, sync_tied_gradients
+from impl.gpt import GPT, GPTConfig
 
 pytestmark = pytest.mark.distributed
 
@@ -250,6 +250,34 @@ def test_microbatch_count_must_be_a_positive_int(bad):
 def test_pipeline_needs_a_process_group():
     with pytest.raises(TypeError, match=r"group must be a torch.distributed.ProcessGroup, got NoneType"):
         PipelineSchedule(torch.nn.Linear(2, 2), None, "gpipe", 2)
+
+
+@pytest.mark.parametrize("n_stages", [1, 2, 3, 4])
+def test_stages_are_the_gpt_with_the_other_parts_removed(n_stages):
+    """Each stage is a GPT (its trunk, its forward) holding its own blocks under their global names, the
+    embeddings on the first stage only and ln_f + lm_head on the last only; chained, the stages give the
+    single-process logits, and a stage's blocks are copies (the source GPT is untouched)."""
+    gpt = _gpt()
+    stages = split_gpt(gpt, n_stages)
+    names = []
+    for s, stage in enumerate(stages):
+        assert isinstance(stage, GPTStage) and isinstance(stage, GPT)
+        tr = stage.transformer
+        assert (tr["wte"] is not None, tr["wpe"] is not None) == (s == 0, s == 0)
+        assert (tr["ln_f"] is not None, stage.lm_head is not None) == (s == n_stages - 1,) * 2
+        assert not any(p is q for p in stage.parameters() for q in gpt.parameters())
+        names += [name for name, _ in stage.named_parameters()]
+    assert stages[-1].tied_weight is stages[-1].lm_head.weight
+    assert (stages[0].lm_head is None) == (n_stages > 1)
+    assert sorted(set(names) - {"lm_head.weight"}) == sorted(name for name, _ in gpt.named_parameters())
+    idx, _ = _tokens()
+    x = idx
+    for stage in stages:
+        x = stage(x)
+    reference, _ = gpt(idx)
+    torch.testing.assert_close(x, reference, **tolerance(torch.float32))
+    with pytest.raises(AssertionError):  # negative control: skipping the middle of the chain breaks it
+        torch.testing.assert_close(stages[-1](stages[0](idx)) if n_stages > 2 else x + 1e-3, reference)
 
 
 def test_more_stages_than_blocks_is_rejected():

@@ -1,9 +1,12 @@
-"""Megatron tensor parallelism against the single-process GPT and against torch.distributed.tensor.parallel.
+"""Megatron tensor parallelism, applied in place to the GPT, against the single-process GPT and against
+torch.distributed.tensor.parallel.
 
 One spawned group per world size (2 and 4) runs every check; the tests below read its per-rank results. The
 single-process GPT is rebuilt on each rank from the same seed, so its gradients are sliced there the way ours
 are (`shard_state_dict`), and compared with ours here.
 """
+
+import copy
 
 import pytest
 import torch
@@ -15,12 +18,16 @@ from impl.distributed import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    full_logits,
+    full_state_dict,
+    shard_state_dict,
     spawn,
     tensor_parallelize,
+    tp_groups,
+    unshard,
     vocab_parallel_cross_entropy,
 )
-from impl.distributed.tensor_parallel import ParallelMLP, TensorParallelGPT
-from impl.gpt.model import GPT, MLP, Block, GPTConfig
+from impl.gpt import GPT, Block, GPTConfig
 
 pytestmark = pytest.mark.distributed
 
@@ -36,7 +43,8 @@ def _gpt(seed: int = 0) -> GPT:
     return GPT(GPTConfig(**CONFIG))
 
 
-def _tokens(perturb: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _tokens(perturb: bool = False, ignore: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch; `ignore` sets some targets to -100 (skipped by the loss), `perturb` changes one input token."""
     g = torch.Generator().manual_seed(1)
     idx, targets = (
         torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
@@ -44,6 +52,9 @@ def _tokens(perturb: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     )
     if perturb:
         idx[0, 0] = (idx[0, 0] + 1) % VOCAB
+    if ignore:
+        targets[0, :3] = -100
+        targets[1, -2:] = -100
     return idx, targets
 
 
@@ -54,29 +65,47 @@ def _grads(model) -> dict:
 # ---- what the spawned ranks run ----
 
 
-def _gpt_run(group) -> dict:
-    gpt, idx_targets = _gpt(), _tokens()
-    ours = tensor_parallelize(gpt, group)
-    logits, loss = ours(*idx_targets)
+def _reference_grads(perturb: bool = False, ignore: bool = False) -> dict:
+    ref = _gpt()
+    _, loss = ref(*_tokens(perturb, ignore))
     loss.backward()
-    out = {"logits": ours.full_logits(logits).detach(), "loss": loss.detach(), "grads": _grads(ours)}
+    grads = _grads(ref)
+    grads["lm_head.weight"] = grads["transformer.wte.weight"]  # tied: named once by named_parameters
+    return grads
+
+
+def _gpt_run(group) -> dict:
+    gpt = _gpt()
+    ours = tensor_parallelize(gpt, group)
+    block = ours.transformer.h[0]
+    out = {
+        "in_place": ours is gpt,
+        "swapped": [type(m).__name__ for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
+        + [type(ours.transformer.wte).__name__, type(ours.lm_head).__name__],
+        "n_head": block.attn.n_head,
+        "tied": ours.lm_head.weight is ours.transformer.wte.weight,
+    }
+    logits, loss = ours(*_tokens())
+    loss.backward()
+    out.update(logits=full_logits(ours, logits).detach(), loss=loss.detach(), grads=_grads(ours))
     rows = ours.transformer.wte.weight.shape[0]
     out["padding_rows"] = rows - min(rows, max(0, VOCAB - ours.transformer.wte.start))
     for perturb in (False, True):
-        ref = _gpt()
-        _, ref_loss = ref(*_tokens(perturb))
-        ref_loss.backward()
-        grads = _grads(ref)
-        grads["lm_head.weight"] = grads["transformer.wte.weight"]  # tied: named once by named_parameters
-        out["reference" + ("_perturbed" if perturb else "")] = ours.shard_state_dict(grads)
+        out["reference" + ("_perturbed" if perturb else "")] = shard_state_dict(ours, _reference_grads(perturb))
+    ours.zero_grad()
+    _, loss = ours(*_tokens(ignore=True))  # -100 targets are skipped, as F.cross_entropy skips them
+    loss.backward()
+    out["ignore"] = {"loss": loss.detach(), "grads": _grads(ours)}
+    out["ignore"]["reference"] = shard_state_dict(ours, _reference_grads(ignore=True))
+    out["state"] = full_state_dict(ours)  # the unsharded GPT's names and values back
+    out["unshard_logits"] = unshard(ours)(_tokens()[0])[0].detach()
     return out
 
 
 def _count_all_reduces(group) -> dict:
     """All-reduces one transformer block issues forward and backward (counted by wrapping dist.all_reduce)."""
-    config = GPTConfig(**CONFIG)
-    block = TensorParallelGPT(config, group).transformer.h[0]
-    x = torch.randn(BATCH, SEQ, config.n_embd, requires_grad=True)
+    block = tensor_parallelize(_gpt(), group).transformer.h[0]
+    x = torch.randn(BATCH, SEQ, CONFIG["n_embd"], requires_grad=True)
     calls, real = [], dist.all_reduce
     dist.all_reduce = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
     try:
@@ -106,8 +135,13 @@ def _torch_tp_run(group, world_size: int) -> dict:
     out = {}
 
     torch.manual_seed(3)
-    theirs = MLP(config)
-    ours = ParallelMLP(config, group)
+    theirs = _gpt().transformer.h[0].mlp  # the GPT's own MLP, swapped by hand on our side
+    with torch.no_grad():  # weights of order one (GPT-2's init makes the output too small for the control)
+        for p in theirs.parameters():
+            p.uniform_(-0.5, 0.5)
+    ours = copy.deepcopy(theirs)
+    ours.c_fc = ColumnParallelLinear(config.n_embd, 4 * config.n_embd, group)
+    ours.c_proj = RowParallelLinear(4 * config.n_embd, config.n_embd, group)
     ours.load_state_dict(_mlp_shards(theirs, group))
     parallelize_module(theirs, mesh, {"c_fc": ColwiseParallel(), "c_proj": RowwiseParallel()})
     y_ours, y_theirs = ours(x), theirs(x)
@@ -169,24 +203,51 @@ def _mlp_shards(mlp, group) -> dict:
     }
 
 
-def _bad_input_run(group) -> dict:
-    def error(fn) -> str:
-        try:
-            fn()
-        except (ValueError, TypeError) as err:
-            return f"{type(err).__name__}: {err}"
-        return "no error"
+def _error(fn) -> str:
+    try:
+        fn()
+    except (ValueError, TypeError) as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
 
+
+def _bad_input_run(group) -> dict:
     world_size = dist.get_world_size(group)
     logits = torch.randn(BATCH, 3)
-    return {
-        "out_features": error(lambda: ColumnParallelLinear(4, 4 * world_size + 1, group)),
-        "in_features": error(lambda: RowParallelLinear(4 * world_size + 1, 4, group)),
-        "n_head": error(lambda: tensor_parallelize(GPT(GPTConfig(n_layer=1, n_head=world_size - 1, n_embd=12)), group)),
-        "n_embd": error(lambda: TensorParallelGPT(GPTConfig(n_layer=1, n_head=1, n_embd=4 * world_size + 1), group)),
-        "vocab_size": error(lambda: vocab_parallel_cross_entropy(logits, torch.zeros(BATCH).long(), group, 100)),
-        "targets": error(lambda: vocab_parallel_cross_entropy(logits, torch.zeros(BATCH + 1).long(), group)),
+    odd_heads = GPT(GPTConfig(n_layer=1, n_head=world_size - 1, n_embd=12))
+    before = {name: t.clone() for name, t in odd_heads.state_dict().items()}
+    out = {
+        "out_features": _error(lambda: ColumnParallelLinear(4, 4 * world_size + 1, group)),
+        "in_features": _error(lambda: RowParallelLinear(4 * world_size + 1, 4, group)),
+        "n_head": _error(lambda: tensor_parallelize(odd_heads, group)),
+        "n_embd": _error(
+            lambda: tensor_parallelize(GPT(GPTConfig(n_layer=1, n_head=1, n_embd=4 * world_size + 1)), group)
+        ),
+        "vocab_size": _error(lambda: vocab_parallel_cross_entropy(logits, torch.zeros(BATCH).long(), group, 100)),
+        "targets": _error(lambda: vocab_parallel_cross_entropy(logits, torch.zeros(BATCH + 1).long(), group)),
+        "not_parallel": _error(lambda: full_state_dict(_gpt())),
     }
+    twice = tensor_parallelize(_gpt(), group)
+    out["twice"] = _error(lambda: tensor_parallelize(twice, group))
+    after = odd_heads.state_dict()  # the refused GPT is untouched: same modules, names and values
+    out["untouched"] = type(odd_heads.transformer.h[0].attn.c_attn) is torch.nn.Linear and all(
+        torch.equal(before[name], after[name]) for name in before
+    )
+    out["tp_groups"] = _error(lambda: tp_groups(world_size + 1))
+    return out
+
+
+def _groups_run(world_size: int) -> dict:
+    """tp_groups(2): the members of this rank's TP and DP groups, and a sum over each."""
+    groups = tp_groups(2)
+    rank = dist.get_rank()
+    members = {}
+    for kind, group in (("tp", groups.tp_group), ("dp", groups.dp_group)):
+        ranks = torch.tensor([rank])
+        gathered = [torch.zeros_like(ranks) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, ranks, group=group)
+        members[kind] = [int(t) for t in gathered]
+    return {"members": members, "coords": (groups.dp_rank, groups.tp_rank, groups.dp, groups.tp)}
 
 
 def _run_all(rank: int, world_size: int) -> dict:
@@ -196,6 +257,7 @@ def _run_all(rank: int, world_size: int) -> dict:
         "all_reduces": _count_all_reduces(group),
         "torch": _torch_tp_run(group, world_size),
         "bad_input": _bad_input_run(group),
+        "groups": _groups_run(world_size),
     }
 
 
@@ -211,6 +273,8 @@ def single() -> dict:
     for perturb in (False, True):
         logits, loss = _gpt()(*_tokens(perturb))
         out[perturb] = (logits.detach(), loss.detach())
+    out["ignore"] = _gpt()(*_tokens(ignore=True))[1].detach()  # F.cross_entropy, ignore_index=-100
+    out["state"] = _gpt().state_dict()
     return out
 
 
@@ -240,6 +304,47 @@ def test_every_gradient_matches_single_process(runs, world_size):
     with pytest.raises(AssertionError):
         for name, grad in grads.items():
             _assert_close(grad, result["gpt"]["reference_perturbed"][name], name)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES, ids=lambda n: f"tp{n}")
+def test_parallelized_in_place(runs, world_size):
+    """tensor_parallelize returns the GPT it was given, with the Megatron layers in place of its own, the heads
+    split, and the output layer still tied to the (now vocab-parallel) embedding."""
+    for result in runs[world_size]:
+        gpt = result["gpt"]
+        assert gpt["in_place"] and gpt["tied"] and gpt["n_head"] == CONFIG["n_head"] // world_size
+        assert gpt["swapped"] == ["ColumnParallelLinear", "RowParallelLinear"] * 2 + [
+            "VocabParallelEmbedding",
+            "ColumnParallelLinear",
+        ]
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES, ids=lambda n: f"tp{n}")
+def test_ignored_targets_match_single_process(runs, single, world_size):
+    """Targets of -100 are skipped by the vocab-parallel loss as by F.cross_entropy: same mean loss (over the
+    targets that count) and the same gradients; the loss on all targets differs (negative control)."""
+    for result in runs[world_size]:
+        ignore = result["gpt"]["ignore"]
+        _assert_close(ignore["loss"], single["ignore"])
+        for name, grad in ignore["grads"].items():
+            _assert_close(grad, ignore["reference"][name], name)
+    with pytest.raises(AssertionError):
+        _assert_close(ignore["loss"], single[False][1])
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES, ids=lambda n: f"tp{n}")
+def test_full_state_dict_and_unshard_give_back_the_gpt(runs, single, world_size):
+    """full_state_dict has the unsharded GPT's names, shapes and values (the checkpoint format), and the plain
+    GPT that unshard builds from it gives the single-process logits."""
+    reference = single["state"]
+    for result in runs[world_size]:
+        state = result["gpt"]["state"]
+        assert list(state) == list(reference)
+        for name, t in state.items():
+            assert torch.equal(t, reference[name]), name  # slicing and gathering move values, never change them
+        _assert_close(result["gpt"]["unshard_logits"], single[False][0])
+    state["transformer.h.0.attn.c_attn.weight"] = state["transformer.h.0.attn.c_attn.weight"].flip(0)
+    assert not torch.equal(state["transformer.h.0.attn.c_attn.weight"], reference["transformer.h.0.attn.c_attn.weight"])
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES, ids=lambda n: f"tp{n}")
@@ -298,6 +403,22 @@ def test_indivisible_sizes_are_rejected(runs, world_size):
     )
     assert errors["vocab_size"] == f"ValueError: vocab_size must be in [1, {3 * n}] (logits' last dim x tp), got 100"
     assert errors["targets"] == f"ValueError: targets must have shape ({BATCH},), got ({BATCH + 1},)"
+    assert errors["untouched"]  # the check comes before any weight is sliced
+    assert errors["twice"] == (
+        "ValueError: gpt is already tensor-parallel (tensor_parallelize was called on it before)"
+    )
+    assert errors["not_parallel"] == "ValueError: gpt must be a GPT returned by tensor_parallelize, got GPT"
+    assert errors["tp_groups"] == f"ValueError: tp must divide the world size {n}, got {n + 1}"
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES, ids=lambda n: f"tp{n}")
+def test_tp_groups_cut_the_world_into_a_dp_by_tp_grid(runs, world_size):
+    """tp_groups(2): TP groups of consecutive ranks, DP groups of the ranks with the same TP index."""
+    for rank, result in enumerate(runs[world_size]):
+        groups = result["groups"]
+        start = rank - rank % 2
+        assert groups["members"] == {"tp": [start, start + 1], "dp": list(range(rank % 2, world_size, 2))}
+        assert groups["coords"] == (rank // 2, rank % 2, world_size // 2, 2)
 
 
 def test_layers_need_a_process_group():

@@ -1,22 +1,36 @@
-"""Distributed training on torch.distributed: a launcher (`spawn`) and ZeRO stages 0-3 (`Zero`)."""
+"""Distributed training on torch.distributed: a launcher (`spawn`), ZeRO stages 0-3 (`Zero`), Megatron tensor
+parallelism applied in place to the GPT (`tensor_parallelize`, `tp_groups`) and pipeline schedules over stages
+cut from it (`PipelineSchedule`, `split_gpt`)."""
 
 from impl.distributed.launch import spawn
-from impl.distributed.pipeline import PipelineSchedule
+from impl.distributed.pipeline import GPTStage, PipelineSchedule, split_gpt
 from impl.distributed.tensor_parallel import (
     ColumnParallelLinear,
+    ParallelGroups,
     RowParallelLinear,
     VocabParallelEmbedding,
+    full_logits,
+    full_state_dict,
+    shard_state_dict,
     tensor_parallelize,
+    tp_groups,
+    unshard,
     vocab_parallel_cross_entropy,
 )
 from impl.distributed.zero import Zero
 
 __all__ = ["Zero", "spawn"]
+__all__ += ["GPTStage", "PipelineSchedule", "split_gpt"]
 __all__ += [
     "ColumnParallelLinear",
-    "PipelineSchedule",
+    "ParallelGroups",
     "RowParallelLinear",
     "VocabParallelEmbedding",
+    "full_logits",
+    "full_state_dict",
+    "shard_state_dict",
     "tensor_parallelize",
+    "tp_groups",
+    "unshard",
     "vocab_parallel_cross_entropy",
 ]

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from impl.common.checks import check_int, check_positive_int
-from impl.gpt.model import GPT
+from impl.gpt import GPT, cross_entropy
 
 SCHEDULES = ("gpipe", "1f1b")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -186,28 +186,30 @@ def sync_tied_gradients(module: nn.Module, group) -> None:
     weight.grad += theirs
 
 
-class GPTStage(nn.Module):
-    """Consecutive blocks of a GPT, with the embeddings on the first stage and ln_f + lm_head on the last.
+class GPTStage(GPT):
+    """A GPT holding only consecutive blocks `blocks` of `gpt` (deep copies), the embeddings if `first`, the final
+    LayerNorm and the output layer if `last`; the other parts are None, which `GPT.trunk` skips.
 
-    Parameter names are the GPT's (blocks keep their global index), so a GPT state dict selects a stage's.
-    The last stage's lm_head is its own copy of the embedding; both are `tied_weight` for `PipelineSchedule`.
+    It is the GPT's own module and forward, minus the removed parts: parameter names are the GPT's (blocks keep
+    their global index in a ModuleDict), so a GPT state dict selects a stage's. `forward(x)` returns one tensor,
+    what `PipelineSchedule` and torch's pipelining send on: hidden states (B, T, C), or logits on the last stage.
+    The last stage's lm_head is its own copy of the embedding unless it is also the first; both are
+    `tied_weight` for `PipelineSchedule`, which sums their gradients.
     """
 
     def __init__(self, gpt: GPT, blocks: range, first: bool, last: bool):
-        super().__init__()
-        modules = {"h": nn.ModuleDict({str(i): copy.deepcopy(gpt.transformer.h[i]) for i in blocks})}
-        if first:
-            modules.update(wte=copy.deepcopy(gpt.transformer.wte), wpe=copy.deepcopy(gpt.transformer.wpe))
-            modules["drop"] = copy.deepcopy(gpt.transformer.drop)
-        if last:
-            modules["ln_f"] = copy.deepcopy(gpt.transformer.ln_f)
-        self.transformer = nn.ModuleDict(modules)
+        nn.Module.__init__(self)  # not GPT.__init__: the parts are copied from `gpt`, not built
+        self.config, self.loss_fn = gpt.config, gpt.loss_fn
+        tr = gpt.transformer
+        dropped = [tr.h[i] for i in range(len(tr.h)) if i not in blocks]
+        dropped += [] if first else [tr["wte"], tr["wpe"]]
+        dropped += [] if last else [tr["ln_f"]]
+        memo = {id(m): None for m in dropped if m is not None}  # deepcopy gives None for these, copies the rest
+        self.transformer = copy.deepcopy(tr, memo)
+        self.transformer["h"] = nn.ModuleDict({str(i): self.transformer.h[i] for i in blocks})
+        # With the same memo, a head tied to a copied wte stays tied to the copy; else it is copied on its own.
+        self.lm_head = copy.deepcopy(gpt.lm_head, memo) if last else None
         self.first, self.last = first, last
-        self.lm_head = None
-        if last:
-            self.lm_head = copy.deepcopy(gpt.lm_head)  # a copy of the embedding unless this stage also holds it
-            if first:
-                self.lm_head.weight = self.transformer.wte.weight
 
     @property
     def tied_weight(self) -> nn.Parameter | None:
@@ -216,14 +218,9 @@ class GPTStage(nn.Module):
         return self.transformer.wte.weight if self.first else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.first:  # x: token ids (B, T)
-            pos = torch.arange(x.shape[1], device=x.device)
-            x = self.transformer.drop(self.transformer.wte(x) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h.values():
-            x = block(x)
-        if self.last:
-            x = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
-        return x
+        """Token ids (B, T) on the first stage, else the previous stage's hidden states (B, T, C)."""
+        out, _ = super().forward(x)
+        return out
 
 
 def split_gpt(gpt: GPT, n_stages: int) -> list[GPTStage]:
@@ -238,6 +235,4 @@ def split_gpt(gpt: GPT, n_stages: int) -> list[GPTStage]:
     return [GPTStage(gpt, range(bounds[s], bounds[s + 1]), s == 0, s == n_stages - 1) for s in range(n_stages)]
 
 
-def gpt_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The GPT's loss on the last stage's logits (B, T, vocab) and targets (B, T)."""
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+gpt_loss = cross_entropy  # the GPT's loss on the last stage's logits (B, T, vocab) and targets (B, T)

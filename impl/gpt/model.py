@@ -183,7 +183,7 @@ class GPT(nn.Module):
                     bad = low if low < 0 else high
                     raise ValueError(f"position_ids must lie in [0, {self.config.block_size}), got {bad}")
             x = tr.drop(tr.wte(idx) + tr.wpe(pos))  # (B, T, C)
-        for block in tr.h:
+        for block in tr.h.values() if isinstance(tr.h, nn.ModuleDict) else tr.h:  # a stage keys blocks by global index
             x = block(x, document_ids)
         return x if tr["ln_f"] is None else tr.ln_f(x)
 
