@@ -73,6 +73,11 @@ def check_masks(
     b, n_k = q.shape[0], k.shape[2]
     if document_ids is not None and cu_seqlens is not None:
         raise ValueError("give document_ids or cu_seqlens, not both (they say the same thing), got both")
+    if (document_ids is not None or cu_seqlens is not None) and q.shape[2] > n_k:
+        raise ValueError(
+            f"document masks need no more queries than keys (the queries are the last Nq keys), got q {q.shape[2]} "
+            f"and k {n_k}"
+        )
     if cu_seqlens is not None:
         document_ids = cu_seqlens_to_document_ids(cu_seqlens, n_k, q.device).expand(b, n_k)
     elif document_ids is not None:

@@ -10,9 +10,15 @@ tiles (S^T = K Q^T is (keys, q rows)) so that each matmul's first dimension is t
 the shape Hopper's warp-group MMA wants, while the loop steps over few q rows at a time.
 
 Scores are kept in base 2: the softmax scale is multiplied by log2(e) once so that exp becomes exp2, and the
-saved logsumexp LSE is in those units. Causal masking costs a `where` only on the blocks that straddle the
-diagonal (and the ragged last block of a length that is not a multiple of the tile): blocks entirely in the
-past are processed unmasked and blocks entirely in the future are never visited.
+saved logsumexp LSE is in those units.
+
+Masks cost a `where` only on the tiles they cut. Each program's loop range is split in three: a masked run
+[lo, flo), whole unmasked tiles [flo, full_end) that every row sees, and a masked run [full_end, hi) (the
+diagonal, the ragged tail, the next document); tiles outside [lo, hi) are never visited. Causal is bottom-right
+aligned (query row i sits at key position i + n_k - n_q) and cuts these bounds in the kernel. With DOCS, the
+document bounds come from the host (`RANGES`, per (batch, block): lo, flo, fhi, hi, see flash_triton.py) and
+a masked tile compares the per-position document ids `DOC` of its rows and columns. A row that has seen no key
+yet keeps m = -inf; its exponentials are taken against 0 instead, so that exp2(-inf - -inf) never appears.
 
 Tensors are contiguous (batch, heads, seq, HEAD_DIM); a q head h reads k/v head h // GROUP (grouped-query
 attention). Rows past the true length and columns past HEAD_DIM (padded to the power of two BLOCK_D) load as
@@ -60,27 +66,46 @@ def _program_bases(pid_bh, n_heads, GROUP, n_q, n_k, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _q_block_keys(RANGES, pid_b, pid_m, start_m, n_q, n_k, CAUSAL: tl.constexpr, DOCS: tl.constexpr,
+                  BLOCK_M: tl.constexpr):  # fmt: skip
+    """Keys [lo, hi) that rows [start_m, +BLOCK_M) may see, and [flo, fhi) within them that every row sees."""
+    lo, flo, fhi, hi = 0, 0, n_k, n_k
+    if DOCS:
+        r = RANGES + (pid_b * tl.cdiv(n_q, BLOCK_M) + pid_m) * 4
+        lo, flo, fhi, hi = tl.load(r), tl.load(r + 1), tl.load(r + 2), tl.load(r + 3)
+    if CAUSAL:  # the first row sees keys <= start_m + off, the last row keys < start_m + BLOCK_M + off
+        hi = tl.minimum(hi, start_m + BLOCK_M + n_k - n_q)
+        fhi = tl.minimum(fhi, start_m + n_k - n_q + 1)
+    return lo, flo, fhi, hi
+
+
+@triton.jit
 def _fwd_steps(
-    acc, l_i, m_i, q, K, V, rows, n_k, qk_scale, lo, hi,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    acc, l_i, m_i, q, K, V, DOC, rows, doc_q, off, qk_scale, lo, hi,
+    CAUSAL: tl.constexpr, DOCS: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Algorithm 1, lines 8-11, for the k/v blocks starting in [lo, hi). MASK: the blocks may hold future or
-    missing keys, so scores are masked and loads checked; otherwise every score in them is visible."""
+    """Algorithm 1, lines 8-11, for the k/v blocks starting in [lo, hi). MASK: keys at or past hi, future keys
+    and other documents' keys are hidden and loads checked; otherwise every score in them is visible."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load(K, cols, n_k, HEAD_DIM, BLOCK_D, MASK)  # (BLOCK_N, BLOCK_D)
+        k = _load(K, cols, hi, HEAD_DIM, BLOCK_D, MASK)  # (BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
         if MASK:
-            visible = cols[None, :] < n_k
+            visible = cols[None, :] < hi
             if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None])
+                visible = visible & (cols[None, :] <= rows[:, None] + off)
+            if DOCS:
+                visible = visible & (doc_q[:, None] == tl.load(DOC + cols, mask=cols < hi, other=-1)[None, :])
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # line 10: running row max, base-2 units
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+        m_ref = m_new
+        if MASK:  # a row with no visible key so far: exp2 against 0, so that p = alpha = 0, not NaN
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s * qk_scale - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)  # rescales what was accumulated under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load(V, cols, n_k, HEAD_DIM, BLOCK_D, MASK)
+        v = _load(V, cols, hi, HEAD_DIM, BLOCK_D, MASK)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # line 11 (BLOCK_M, BLOCK_D)
         m_i = m_new
     return acc, l_i, m_i
@@ -88,27 +113,33 @@ def _fwd_steps(
 
 @triton.jit
 def flash_fwd_kernel(
-    Q, K, V, Out, LSE, qk_scale, n_heads, GROUP, n_q, n_k,
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    Q, K, V, Out, LSE, DOC, RANGES, qk_scale, n_heads, GROUP, n_q, n_k,
+    CAUSAL: tl.constexpr, DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Algorithm 1 for q rows [pid_m * BLOCK_M, +BLOCK_M) of one (batch, q head): O and the base-2 logsumexp."""
-    pid_m = tl.program_id(0)
+    pid_m, pid_b = tl.program_id(0), tl.program_id(1) // n_heads
     q_base, kv_base, row_base = _program_bases(tl.program_id(1), n_heads, GROUP, n_q, n_k, HEAD_DIM)
     start_m = pid_m * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
     q = _load(Q + q_base, rows, n_q, HEAD_DIM, BLOCK_D, True)  # (BLOCK_M, BLOCK_D)
+    doc = DOC + pid_b.to(tl.int64) * n_k  # this batch row's document ids, (n_k,)
+    doc_q = rows
+    if DOCS:
+        doc_q = tl.load(doc + n_k - n_q + rows, mask=rows < n_q, other=-2)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base-2 scores)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # unnormalized output
-    if CAUSAL:  # keys before start_m are in every row's past; the diagonal blocks end at the block's last row
-        split, hi = start_m, tl.minimum(start_m + BLOCK_M, n_k)
-    else:  # only the ragged last block has missing keys
-        split, hi = n_k - n_k % BLOCK_N, n_k
-    args = (q, K + kv_base, V + kv_base, rows, n_k, qk_scale)
-    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, *args, 0, split, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, *args, split, hi, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    lo, flo, fhi, hi = _q_block_keys(RANGES, pid_b, pid_m, start_m, n_q, n_k, CAUSAL, DOCS, BLOCK_M)
+    full_end = flo + (fhi - flo) // BLOCK_N * BLOCK_N
+    args = (q, K + kv_base, V + kv_base, doc, rows, doc_q, n_k - n_q, qk_scale)
+    consts = (CAUSAL, DOCS)
+    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, *args, lo, flo, *consts, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_steps(
+        acc, l_i, m_i, *args, flo, full_end, *consts, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION
+    )
+    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, *args, full_end, hi, *consts, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
 
     _store(Out + q_base, rows, n_q, acc / l_i[:, None], HEAD_DIM, BLOCK_D)  # lines 13 and 15
     tl.store(LSE + row_base + rows, m_i + tl.math.log2(l_i), mask=rows < n_q)  # lines 14 and 16: L = m + log2(l)
@@ -125,25 +156,29 @@ def flash_bwd_delta_kernel(Out, DO, DELTA, n_rows, HEAD_DIM: tl.constexpr, BLOCK
 
 @triton.jit
 def _dkdv_steps(
-    dk, dv, k, v, Q, DO, LSE, DELTA, cols, n_q, qk_scale, lo, hi,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    dk, dv, k, v, Q, DO, LSE, DELTA, DOC, cols, doc_k, n_q, off, qk_scale, lo, hi,
+    CAUSAL: tl.constexpr, DOCS: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Algorithm 2, lines 9-16 without line 15 (dQ), transposed, for the q blocks starting in [lo, hi). MASK: the blocks
-    may hold rows past n_q or rows that cannot see some of these keys."""
+    """Algorithm 2, lines 9-16 without line 15 (dQ), transposed, for the q blocks starting in [lo, hi). MASK: the
+    blocks may hold rows at or past hi or rows that cannot see some of these keys."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load(Q, rows, n_q, HEAD_DIM, BLOCK_D, MASK)  # (BLOCK_M, BLOCK_D)
-        do = _load(DO, rows, n_q, HEAD_DIM, BLOCK_D, MASK)
-        if MASK:  # missing rows: q = dO = 0 and L = D = 0, so they add exactly nothing below
-            lse = tl.load(LSE + rows, mask=rows < n_q, other=0.0)
-            delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
+        q = _load(Q, rows, hi, HEAD_DIM, BLOCK_D, MASK)  # (BLOCK_M, BLOCK_D)
+        do = _load(DO, rows, hi, HEAD_DIM, BLOCK_D, MASK)
+        if MASK:  # rows at or past hi: q = dO = 0 and L = D = 0, so they add exactly nothing below
+            lse = tl.load(LSE + rows, mask=rows < hi, other=0.0)
+            delta = tl.load(DELTA + rows, mask=rows < hi, other=0.0)
         else:
             lse, delta = tl.load(LSE + rows), tl.load(DELTA + rows)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # S^T: (BLOCK_N keys, BLOCK_M rows)
         p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # line 11: the forward's softmax, recomputed
-        if CAUSAL and MASK:
-            p_t = tl.where(cols[:, None] <= rows[None, :], p_t, 0.0)
+        if MASK:
+            if CAUSAL:
+                p_t = tl.where(cols[:, None] <= rows[None, :] + off, p_t, 0.0)
+            if DOCS:
+                doc_q = tl.load(DOC + off + rows, mask=rows < hi, other=-2)
+                p_t = tl.where(doc_k[:, None] == doc_q[None, :], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)  # line 12: dV += P^T dO
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # line 13: dP^T = (dO V^T)^T
         ds_t = p_t * (dp_t - delta[None, :])  # line 14: dS = P * (dP - D)
@@ -153,31 +188,42 @@ def _dkdv_steps(
 
 @triton.jit
 def flash_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, qk_scale, n_heads, GROUP, n_q, n_k,
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC, RANGES, sm_scale, qk_scale, n_heads, GROUP, n_q, n_k,
+    CAUSAL: tl.constexpr, DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Keys [pid_n * BLOCK_N, +BLOCK_N) of one q head: their dK, dV summed over the q rows that see them. K and V
-    stay on chip (Algorithm 2, line 6); with GQA each q head writes its own dK/dV, summed by the caller."""
-    pid_n = tl.program_id(0)
+    stay on chip (Algorithm 2, line 6); with GQA each q head writes its own dK/dV, summed by the caller.
+    The rows are split like the forward's keys: [lo, flo) masked, whole tiles up to fhi unmasked, the rest masked."""
+    pid_n, pid_b = tl.program_id(0), tl.program_id(1) // n_heads
     q_base, kv_base, row_base = _program_bases(tl.program_id(1), n_heads, GROUP, n_q, n_k, HEAD_DIM)
     start_n = pid_n * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)
     k = _load(K + kv_base, cols, n_k, HEAD_DIM, BLOCK_D, True)  # (BLOCK_N, BLOCK_D); missing keys are never stored
     v = _load(V + kv_base, cols, n_k, HEAD_DIM, BLOCK_D, True)
+    doc = DOC + pid_b.to(tl.int64) * n_k
+    doc_k = cols
+    if DOCS:
+        doc_k = tl.load(doc + cols, mask=cols < n_k, other=-1)
+
+    lo, flo, fhi, hi = 0, 0, n_q, n_q
+    if DOCS:  # the rows of these keys' documents, from the host
+        r = RANGES + (pid_b * tl.cdiv(n_k, BLOCK_N) + pid_n) * 4
+        lo, flo, fhi, hi = tl.load(r), tl.load(r + 1), tl.load(r + 2), tl.load(r + 3)
+    if CAUSAL:  # row i sees key j <= i + off: rows from start_n - off see some, from start_n + BLOCK_N - 1 - off all
+        lo = tl.minimum(tl.maximum(lo, start_n - (n_k - n_q)), hi)
+        all_see = tl.cdiv(start_n + BLOCK_N - 1 - (n_k - n_q), BLOCK_M) * BLOCK_M  # rounded up to a whole q tile
+        flo = tl.minimum(tl.maximum(flo, all_see), hi)
+        fhi = tl.maximum(fhi, flo)
+    full_end = flo + (fhi - flo) // BLOCK_M * BLOCK_M
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    args = (k, v, Q + q_base, DO + q_base, LSE + row_base, DELTA + row_base, cols, n_q, qk_scale)
-    lo = 0
-    if CAUSAL:  # rows before start_n see none of these keys; the next BLOCK_N rows see part of them
-        diag_end = tl.minimum(start_n + BLOCK_N, n_q)
-        dk, dv = _dkdv_steps(dk, dv, *args, start_n, diag_end, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
-        lo = start_n + BLOCK_N
-    full_end = n_q - n_q % BLOCK_M  # q blocks from here on are ragged
-    dk, dv = _dkdv_steps(dk, dv, *args, lo, full_end, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
-    tail = tl.maximum(lo, full_end)
-    dk, dv = _dkdv_steps(dk, dv, *args, tail, n_q, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+    args = (k, v, Q + q_base, DO + q_base, LSE + row_base, DELTA + row_base, doc, cols, doc_k, n_q, n_k - n_q, qk_scale)
+    consts = (CAUSAL, DOCS)
+    dk, dv = _dkdv_steps(dk, dv, *args, lo, flo, *consts, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+    dk, dv = _dkdv_steps(dk, dv, *args, flo, full_end, *consts, False, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+    dk, dv = _dkdv_steps(dk, dv, *args, full_end, hi, *consts, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
 
     dkv_base = tl.program_id(1).to(tl.int64) * n_k * HEAD_DIM  # DK, DV: (batch, q heads, n_k, HEAD_DIM)
     _store(DK + dkv_base, cols, n_k, dk * sm_scale, HEAD_DIM, BLOCK_D)  # line 18
@@ -186,21 +232,23 @@ def flash_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_steps(
-    dq, q, do, lse, delta, K, V, rows, n_k, qk_scale, lo, hi,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    dq, q, do, lse, delta, K, V, DOC, rows, doc_q, off, qk_scale, lo, hi,
+    CAUSAL: tl.constexpr, DOCS: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Algorithm 2, lines 9-15 for dQ alone, for the k/v blocks starting in [lo, hi)."""
+    """Algorithm 2, lines 9-15 for dQ alone, for the k/v blocks starting in [lo, hi); MASK as in `_fwd_steps`."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load(K, cols, n_k, HEAD_DIM, BLOCK_D, MASK)  # (BLOCK_N, BLOCK_D)
-        v = _load(V, cols, n_k, HEAD_DIM, BLOCK_D, MASK)
+        k = _load(K, cols, hi, HEAD_DIM, BLOCK_D, MASK)  # (BLOCK_N, BLOCK_D)
+        v = _load(V, cols, hi, HEAD_DIM, BLOCK_D, MASK)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASK:
-            visible = cols[None, :] < n_k
+            visible = cols[None, :] < hi
             if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None])
+                visible = visible & (cols[None, :] <= rows[:, None] + off)
+            if DOCS:
+                visible = visible & (doc_q[:, None] == tl.load(DOC + cols, mask=cols < hi, other=-1)[None, :])
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -210,12 +258,12 @@ def _dq_steps(
 
 @triton.jit
 def flash_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, sm_scale, qk_scale, n_heads, GROUP, n_q, n_k,
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DQ, DOC, RANGES, sm_scale, qk_scale, n_heads, GROUP, n_q, n_k,
+    CAUSAL: tl.constexpr, DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """q rows [pid_m * BLOCK_M, +BLOCK_M) of one q head: dQ over the keys they see (no atomics: deterministic)."""
-    pid_m = tl.program_id(0)
+    pid_m, pid_b = tl.program_id(0), tl.program_id(1) // n_heads
     q_base, kv_base, row_base = _program_bases(tl.program_id(1), n_heads, GROUP, n_q, n_k, HEAD_DIM)
     start_m = pid_m * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -223,13 +271,17 @@ def flash_bwd_dq_kernel(
     do = _load(DO + q_base, rows, n_q, HEAD_DIM, BLOCK_D, True)
     lse = tl.load(LSE + row_base + rows, mask=rows < n_q, other=0.0)
     delta = tl.load(DELTA + row_base + rows, mask=rows < n_q, other=0.0)
+    doc = DOC + pid_b.to(tl.int64) * n_k
+    doc_q = rows
+    if DOCS:
+        doc_q = tl.load(doc + n_k - n_q + rows, mask=rows < n_q, other=-2)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if CAUSAL:  # as in the forward: unmasked past, masked diagonal, future skipped
-        split, hi = start_m, tl.minimum(start_m + BLOCK_M, n_k)
-    else:
-        split, hi = n_k - n_k % BLOCK_N, n_k
-    args = (q, do, lse, delta, K + kv_base, V + kv_base, rows, n_k, qk_scale)
-    dq = _dq_steps(dq, *args, 0, split, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-    dq = _dq_steps(dq, *args, split, hi, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    lo, flo, fhi, hi = _q_block_keys(RANGES, pid_b, pid_m, start_m, n_q, n_k, CAUSAL, DOCS, BLOCK_M)
+    full_end = flo + (fhi - flo) // BLOCK_N * BLOCK_N
+    args = (q, do, lse, delta, K + kv_base, V + kv_base, doc, rows, doc_q, n_k - n_q, qk_scale)
+    consts = (CAUSAL, DOCS)
+    dq = _dq_steps(dq, *args, lo, flo, *consts, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    dq = _dq_steps(dq, *args, flo, full_end, *consts, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    dq = _dq_steps(dq, *args, full_end, hi, *consts, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
     _store(DQ + q_base, rows, n_q, dq * sm_scale, HEAD_DIM, BLOCK_D)
