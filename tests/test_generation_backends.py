@@ -143,3 +143,20 @@ def test_backend_choice_reaches_every_attention_call(backend, monkeypatch):
 def test_backend_choice_is_checked():
     with pytest.raises(ValueError, match=r"config\.attention_backend must be one of .* got 'flash'"):
         Llama.from_hf(hf_llama(2), attention_backend="flash")
+
+
+@torch.no_grad()
+def test_unfused_projections_match_hf_and_the_fused_model():
+    """fused_projections=False keeps transformers' separate linears (the names LoRA targets): same logits as
+    transformers and as the fused layout; a perturbed q_proj (negative control) leaves them."""
+    hf = hf_llama(2)
+    ids, mask = batch(padded=True)
+    positions, real = positions_of(mask, *ids.shape), mask.bool()
+    expected = hf(ids, attention_mask=mask, position_ids=positions).logits[real]
+    unfused, fused = Llama.from_hf(hf, fused_projections=False), Llama.from_hf(hf)
+    names = {n.rsplit(".", 2)[-2] for n, _ in unfused.named_parameters() if n.endswith("_proj.weight")}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    torch.testing.assert_close(unfused(ids, positions, key_mask=real)[real], expected, **TOL)
+    torch.testing.assert_close(unfused(ids, positions, key_mask=real), fused(ids, positions, key_mask=real), **TOL)
+    unfused.layers[1].attn.q_proj.weight[0] += 0.5
+    assert not torch.allclose(unfused(ids, positions, key_mask=real)[real], expected, **TOL)
