@@ -1,17 +1,19 @@
-"""Checkpointing policies on a pre-LN GPT stack and on transformers' Llama (plus a peft LoRA): gradients bitwise
-equal to no checkpointing and to torch / transformers checkpointing, and the saved bytes follow O(L) / O(sqrt L)."""
+"""Checkpointing policies on the project's GPT (impl.gpt) and on transformers' Llama (plus a peft LoRA): gradients
+bitwise equal to no checkpointing and to torch / transformers checkpointing, and the saved bytes equal the
+formula derived in `gpt_saved_bytes`: O(L) without checkpointing, O(sqrt L) with `sqrt`."""
 
+import functools
 import math
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint as torch_ckpt
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from impl.gpt import GPT, GPTConfig
 from impl.memory import apply_checkpointing, saved_tensor_bytes
 from impl.memory.policy import segment_lengths
 
@@ -19,40 +21,15 @@ WIDTH, HEADS, VOCAB, BATCH, SEQ = 32, 4, 61, 2, 13
 POLICIES = [("every", None), ("every_k", 3), ("sqrt", None)]
 
 
-class Block(nn.Module):
-    """Pre-LN transformer block (GPT-2 layout) with attention and residual dropout."""
-
-    def __init__(self, width: int = WIDTH, heads: int = HEADS, dropout: float = 0.1):
-        super().__init__()
-        self.heads = heads
-        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.fc, self.fc_out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(self.ln_1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(C // self.heads)
-        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
-        y = (self.drop(att) @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        x = x + self.drop(self.proj(y))
-        return x + self.drop(self.fc_out(F.gelu(self.fc(self.ln_2(x)))))
-
-
-class TinyGPT(nn.Module):
-    def __init__(self, n_layer: int, width: int = WIDTH):
-        super().__init__()
-        self.wte, self.drop = nn.Embedding(VOCAB, width), nn.Dropout(0.1)
-        self.blocks = nn.ModuleList(Block(width) for _ in range(n_layer))
-        self.ln_f, self.head = nn.LayerNorm(width), nn.Linear(width, VOCAB)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.wte(idx))
-        for block in self.blocks:
-            x = block(x)
-        return F.cross_entropy(self.head(self.ln_f(x)).flatten(0, 1), idx.flatten())
+def _gpt_model(n_layer: int, dropout: float = 0.1, heads: int = HEADS, dtype=torch.float32) -> GPT:
+    """The project's GPT (impl.gpt) at toy size, in training mode; n_layer=0 is the same model with no blocks."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=SEQ, vocab_size=VOCAB, n_layer=max(n_layer, 1), n_head=heads, n_embd=WIDTH,
+                       dropout=dropout)  # fmt: skip
+    model = GPT(config).to(dtype).train()
+    if n_layer == 0:
+        model.transformer.h = nn.ModuleList()  # the trunk skips absent parts: embed -> final norm -> head
+    return model
 
 
 def _transformers_checkpointing(model, action: str, *args) -> None:
@@ -81,7 +58,7 @@ def _tiny_llama(n_layer: int = 4):
 
 
 def _gpt_loss(model, idx):
-    return model(idx)
+    return model(idx, targets=idx)[1]
 
 
 def _llama_loss(model, idx):
@@ -109,8 +86,7 @@ def idx():
 
 @pytest.fixture
 def gpt():
-    torch.manual_seed(0)
-    return TinyGPT(7).train()
+    return _gpt_model(7)
 
 
 @pytest.mark.parametrize("policy,k", POLICIES, ids=[p for p, _ in POLICIES])
@@ -125,10 +101,15 @@ def test_gpt_every_equals_torch_checkpoint(gpt, idx):
     plain = _step(gpt, idx)
 
     def torch_every(model, idx):
-        x = model.drop(model.wte(idx))
-        for block in model.blocks:
-            x = torch_ckpt.checkpoint(block, x, use_reentrant=False)
-        return F.cross_entropy(model.head(model.ln_f(x)).flatten(0, 1), idx.flatten())
+        """The GPT's own forward, each block's call run through torch.utils.checkpoint."""
+        for block in model.transformer.h:
+            block.forward = functools.partial(torch_ckpt.checkpoint, type(block).forward.__get__(block),
+                                              use_reentrant=False)  # fmt: skip
+        try:
+            return _gpt_loss(model, idx)
+        finally:
+            for block in model.transformer.h:
+                del block.forward
 
     theirs = _step(gpt, idx, loss_fn=torch_every)
     _assert_bitwise(theirs, plain)
@@ -139,19 +120,20 @@ def test_none_removes_the_policy_and_reapplying_replaces_it(gpt, idx):
     apply_checkpointing(gpt, "sqrt")
     apply_checkpointing(gpt, "every")
     with saved_tensor_bytes(exclude=gpt.parameters()) as every:
-        gpt(idx)
+        _gpt_loss(gpt, idx)
     apply_checkpointing(gpt, "none")
-    assert all("forward" not in vars(block) for block in gpt.blocks)
+    assert all("forward" not in vars(block) for block in gpt.transformer.h)
     with saved_tensor_bytes(exclude=gpt.parameters()) as plain:
-        gpt(idx)
+        _gpt_loss(gpt, idx)
     assert plain.bytes > 5 * every.bytes
 
 
 def test_eval_and_no_grad_are_untouched(gpt, idx):
     gpt.eval()
     with torch.no_grad():
-        plain = gpt(idx)
-        assert torch.equal(apply_checkpointing(gpt, "sqrt")(idx), plain)
+        plain = gpt(idx, targets=idx)
+        ours = apply_checkpointing(gpt, "sqrt")(idx, targets=idx)
+        assert torch.equal(ours[0], plain[0]) and torch.equal(ours[1], plain[1])
 
 
 @pytest.mark.parametrize("policy,k", POLICIES, ids=[p for p, _ in POLICIES])
@@ -205,25 +187,62 @@ def test_lora_parameters_all_get_gradients(idx):
     _assert_bitwise(_step(model, idx, _llama_loss), plain)
 
 
-def _saved(n_layer: int, policy: str) -> int:
-    torch.manual_seed(0)
-    model = apply_checkpointing(TinyGPT(n_layer).train(), policy) if n_layer else TinyGPT(0).train()
+def gpt_saved_bytes(n_layer: int, policy: str, B: int, T: int, C: int, H: int, itemsize: int, dropout: bool,
+                    k: int | None = None) -> int:  # fmt: skip
+    """Bytes autograd saves for the blocks of impl.gpt.GPT (attention through SDPA, CPU kernels), parameters
+    excluded; storages count once (saved_tensor_bytes). With s = itemsize (4 fp32, 2 bf16) one GPT block keeps:
+
+        ln_1     its input x (B, T, C) s, and mean, rstd (B, T) s each (CPU LayerNorm keeps them in x's dtype)
+        c_attn   its input ln_1(x): (B, T, C) s
+        sdpa     q, k, v, three views of the one c_attn output (B, T, 3C): 3 (B, T, C) s; the output
+                 (B, H, T, D) s = (B, T, C) s; the logsumexp (B, H, T) in float32: 4 B H T
+        c_proj   its input: the SDPA output seen as (B, T, C), a view of the same storage: nothing new
+        dropout  (p > 0) the scaled mask, (B, T, C) s, after c_proj
+        ln_2     its input x + attn (B, T, C) s, and mean, rstd (B, T) s each
+        c_fc     its input ln_2(x): (B, T, C) s
+        gelu     its input, c_fc's output: 4 (B, T, C) s
+        c_proj   its input, gelu's output: 4 (B, T, C) s
+        dropout  (p > 0) the scaled mask, (B, T, C) s, after the MLP's c_proj
+
+    so per block (16 + 2 [p > 0]) B T C s + 4 B T s + 4 B H T. The residual adds keep nothing. The block's
+    output is the next block's ln_1 input (or ln_f's, which the GPT without blocks keeps too), so a stack of L
+    blocks keeps L times that above the model without blocks. A checkpointed segment keeps only its input, one
+    (B, T, C) s hidden state: L of them with `every`, ceil(L / k) with `every_k`, round(sqrt L) with `sqrt`.
+    """
+    hidden = B * T * C * itemsize
+    if policy == "none":
+        return n_layer * ((16 + 2 * dropout) * hidden + 4 * B * T * itemsize + 4 * B * H * T)
+    return len(segment_lengths(n_layer, policy, k)) * hidden
+
+
+def _saved(model: GPT) -> int:
+    idx = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     with saved_tensor_bytes(exclude=model.parameters()) as saved:
-        model(torch.randint(0, VOCAB, (BATCH, SEQ)))
+        _gpt_loss(model, idx)
     return saved.bytes
 
 
-def test_saved_bytes_linear_without_checkpointing_and_sqrt_with_it():
-    """Above the embedding and head (depth 0), the saved bytes are L blocks' activations with `none`, L block
-    inputs with `every`, and round(sqrt L) segment inputs with `sqrt`: checked at depths 4 and 16."""
-    hidden = BATCH * SEQ * WIDTH * 4  # one fp32 hidden state
-    base = _saved(0, "none")
-    per_block = _saved(1, "none") - base
-    assert per_block > 10 * hidden
-    for n_layer in (4, 16):
-        assert _saved(n_layer, "none") - base == n_layer * per_block
-        assert _saved(n_layer, "every") - base == n_layer * hidden
-        assert _saved(n_layer, "sqrt") - base == round(math.sqrt(n_layer)) * hidden
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dropout", [0.1, 0.0], ids=["dropout", "no-dropout"])
+def test_saved_bytes_equal_the_formula_per_policy(dtype, dropout):
+    """Measured bytes above the blockless GPT equal `gpt_saved_bytes` exactly: O(L) without checkpointing, L
+    hidden states with `every`, ceil(L / k) with `every_k`, round(sqrt L) with `sqrt`, at depths 4 and 16 and
+    two head counts (the logsumexp term). Negative controls: the formula without the dropout masks, or with
+    another head count, misses the measurement."""
+    itemsize = torch.finfo(dtype).bits // 8
+    for heads in (HEADS, 2 * HEADS):
+        base = _saved(_gpt_model(0, dropout, heads, dtype))
+        shape = dict(B=BATCH, T=SEQ, C=WIDTH, H=heads, itemsize=itemsize, dropout=dropout > 0)
+        for n_layer in (4, 16):
+            model = _gpt_model(n_layer, dropout, heads, dtype)
+            for policy, k in [("none", None), *POLICIES]:
+                measured = _saved(apply_checkpointing(model, policy, k=k)) - base
+                assert measured == gpt_saved_bytes(n_layer, policy, k=k, **shape), (heads, n_layer, policy)
+            apply_checkpointing(model, "none")
+            plain = _saved(model) - base
+            assert plain != gpt_saved_bytes(n_layer, "none", **{**shape, "H": 3 * heads})
+            if dropout:
+                assert plain != gpt_saved_bytes(n_layer, "none", **{**shape, "dropout": False})
 
 
 @given(n_layers=st.integers(1, 200), k=st.integers(1, 200))
@@ -241,9 +260,9 @@ def test_segments_cover_the_stack(n_layers, k):
 def test_finds_blocks_by_path(gpt):
     from impl.memory.policy import find_blocks
 
-    assert find_blocks(gpt) is gpt.blocks
+    assert find_blocks(gpt) is gpt.transformer.h
     assert find_blocks(_tiny_llama(2)).__len__() == 2
-    assert find_blocks(gpt, "blocks") is gpt.blocks
+    assert find_blocks(gpt, "transformer.h") is gpt.transformer.h
 
 
 def test_bad_input(gpt):
@@ -257,10 +276,10 @@ def test_bad_input(gpt):
         apply_checkpointing(gpt, "sqrt", k=2)
     with pytest.raises(TypeError, match="k must be an int, got float"):
         apply_checkpointing(gpt, "every_k", k=2.0)
-    with pytest.raises(ValueError, match="blocks: TinyGPT has no submodule at 'transformer.h'"):
-        apply_checkpointing(gpt, "every", blocks="transformer.h")
-    with pytest.raises(TypeError, match="blocks: expected an nn.ModuleList at 'ln_f', got LayerNorm"):
-        apply_checkpointing(gpt, "every", blocks="ln_f")
+    with pytest.raises(ValueError, match="blocks: GPT has no submodule at 'model.layers'"):
+        apply_checkpointing(gpt, "every", blocks="model.layers")
+    with pytest.raises(TypeError, match="blocks: expected an nn.ModuleList at 'transformer.ln_f', got LayerNorm"):
+        apply_checkpointing(gpt, "every", blocks="transformer.ln_f")
     with pytest.raises(ValueError, match=r"blocks: found no nn.ModuleList at any of .* in Linear"):
         apply_checkpointing(nn.Linear(2, 2), "every")
     with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
@@ -272,25 +291,3 @@ def test_refuses_to_stack_on_transformers_checkpointing():
     _transformers_checkpointing(model, "enable")
     with pytest.raises(ValueError, match="gradient checkpointing is already on"):
         apply_checkpointing(model, "every")
-
-
-@pytest.mark.parametrize("policy,k", POLICIES, ids=[p for p, _ in POLICIES])
-def test_project_gpt_policies_bitwise_equal_to_plain(policy, k, idx):
-    from impl.gpt import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    config = GPTConfig(block_size=SEQ, vocab_size=VOCAB, n_layer=5, n_head=HEADS, n_embd=WIDTH, dropout=0.1)
-    model = GPT(config).train()
-
-    def loss_fn(m, i):
-        return m(i, targets=i)[1]
-
-    with saved_tensor_bytes(exclude=model.parameters()) as plain_saved:
-        loss_fn(model, idx)
-    plain = _step(model, idx, loss_fn)
-    ours = _step(apply_checkpointing(model, policy, k=k), idx, loss_fn)
-    _assert_bitwise(ours, plain)
-    assert not torch.equal(_step(model, idx, loss_fn, seed=2)[1][0], plain[1][0])  # control: dropout matters
-    with saved_tensor_bytes(exclude=model.parameters()) as saved:
-        loss_fn(model, idx)
-    assert 2 * saved.bytes < plain_saved.bytes
