@@ -6,6 +6,7 @@ GPT-3 (Brown et al. 2020, appendix B): linear warm-up, then cosine decay to `min
 Configuration is a dataclass with named presets and one CLI flag per field; bf16 autocast on CUDA.
 
     python -m impl.gpt.train --preset cpu --out runs/cpu  # losses, loss_curve.png, sample.txt, report.md
+    torchrun --nproc-per-node 2 -m impl train --out runs/z3 --parallel zero3 --device cpu  # impl.gpt.train_parallel
 
 A run with checkpoints in OUT/ckpt resumes from the newest one; one written for another model refuses to load.
 """
@@ -22,6 +23,7 @@ import torch
 from impl.common import cli, resolve_device, seed_everything
 from impl.gpt.data import CharTokenizer, get_batch, load_shakespeare, train_val_split
 from impl.gpt.model import GPT, GPTConfig
+from impl.gpt.parallel import MODES, launch_env, plan_layout
 from impl.gpt.run_log import RunLog
 
 
@@ -253,6 +255,10 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]
     parser.add_argument("--data", type=cli.existing_file, default=None,
                         help="tiny-shakespeare path (default: $TINYSHAKESPEARE or download)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--parallel", choices=MODES, default="none",
+                        help="data-parallel engine under torchrun: ddp, fsdp2 (fully_shard), zero1-3 (default: none)")
+    parser.add_argument("--tp", type=cli.positive_int, default=1,
+                        help="tensor-parallel degree under torchrun: groups of TP consecutive ranks (default: 1)")
     cpu, gpu = TrainConfig.from_name("cpu"), TrainConfig.from_name("gpu")
     for f in fields(TrainConfig):
         preset_values = f"cpu: {getattr(cpu, f.name)}, gpu: {getattr(gpu, f.name)}"
@@ -263,6 +269,7 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]
     try:
         cfg = TrainConfig.from_name(args.preset, **overrides)
         cfg.model_config(vocab_size=1)  # GPTConfig's own rules (n_embd divisible by n_head, ...)
+        args.layout = plan_layout(args.parallel, args.tp, cfg.batch_size, cfg.n_head, launch_env())
     except ValueError as err:
         parser.error(str(err))
     return cfg, args
@@ -274,7 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         load_shakespeare(args.data)
     except RuntimeError as err:
         raise FileNotFoundError(str(err)) from err
-    summary = train(cfg, args.out, args.data, progress=not args.no_progress)
+    if args.layout.world_size > 1 or args.layout.mode != "none":
+        from impl.gpt.train_parallel import train_parallel
+
+        summary = train_parallel(cfg, args.out, args.data, args.layout, progress=not args.no_progress)
+        if summary is None:  # not rank 0: rank 0 prints
+            return 0
+    else:
+        summary = train(cfg, args.out, args.data, progress=not args.no_progress)
     print(
         f"val loss {summary['final_val_loss']:.4f} ({summary['final_eval_batches']} batches), "
         f"{summary['tokens_per_s']:.0f} tokens/s, {summary['ms_per_iter']:.1f} ms/iter, "
