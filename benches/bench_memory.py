@@ -1,6 +1,7 @@
 """Gradient checkpointing: memory and step time of one training step against depth, per policy.
 
-Two stacks: a pre-LN GPT (attention and residual dropout) and transformers' Llama decoder. Variants: no
+Two stacks: the project's GPT (impl.gpt: pre-LN, SDPA attention, residual dropout) and transformers' Llama
+decoder. Variants: no
 checkpointing (the baseline); ours with `every`, `every_k` (k=2) and `sqrt` (round(sqrt L) segments, Chen et al.
 2016); `torch.utils.checkpoint` per block and `checkpoint_sequential` with the same segment count (which, unlike
 ours, leaves its last segment unchecked); transformers' own checkpointing for Llama.
@@ -17,18 +18,18 @@ the no-checkpointing run of the same model on the same batch and the same dropou
 each, and checkpointing replays it): checkpointing must not change the math.
 """
 
-import math
 import statistics
 import time
+import weakref
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint as torch_ckpt
 from torch import nn
 
 from impl.common import MemoryMeter, synchronize
 from impl.common.roofline import train_flops
+from impl.gpt import GPT, GPTConfig
 from impl.memory import apply_checkpointing, checkpoint_sequential, saved_tensor_bytes
 from impl.memory.policy import segment_lengths
 
@@ -43,45 +44,25 @@ EVERY_K = 2
 TIMING_REPEATS = {"smoke": 1, "small": 5, "full": 5}
 
 
-class Block(nn.Module):
-    """Pre-LN transformer block (GPT-2 layout) with attention and residual dropout."""
-
-    def __init__(self, width: int, heads: int, dropout: float = 0.1):
-        super().__init__()
-        self.heads = heads
-        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.fc, self.fc_out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(self.ln_1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(C // self.heads)
-        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
-        y = (self.drop(att.softmax(-1)) @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        x = x + self.drop(self.proj(y))
-        return x + self.drop(self.fc_out(F.gelu(self.fc(self.ln_2(x)))))
-
-
 def _plain(blocks, x):
     for block in blocks:
         x = block(x)
     return x
 
 
-class TinyGPT(nn.Module):
-    def __init__(self, n_layer: int, width: int, heads: int):
-        super().__init__()
-        self.wte, self.drop = nn.Embedding(VOCAB, width), nn.Dropout(0.1)
-        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(n_layer))
-        self.ln_f, self.head = nn.LayerNorm(width), nn.Linear(width, VOCAB)
-        self.run_blocks = _plain  # how the stack is run: swapped for torch's checkpointing variants
+class _RunBlocks(nn.Module):
+    """Stands in for the GPT's block list (`transformer.h`) so that torch's checkpointing, which wants to run the
+    blocks itself, runs the GPT's own blocks inside the GPT's own trunk."""
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.run_blocks(self.blocks, self.drop(self.wte(idx)))
-        return F.cross_entropy(self.head(self.ln_f(x)).flatten(0, 1), idx.flatten())
+    def __init__(self, blocks: nn.ModuleList, run):
+        super().__init__()
+        self.blocks, self.run = blocks, run
+
+    def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.run(self.blocks, x)
+
+
+_GPT_BLOCKS: "weakref.WeakKeyDictionary[GPT, nn.ModuleList]" = weakref.WeakKeyDictionary()  # each GPT's own list
 
 
 def _torch_every(blocks, x):
@@ -101,9 +82,11 @@ def _ours_sequential_sqrt(blocks, x):
 def _gpt(n_layer, size, device):
     width, heads, batch, seq = SHAPES[size]
     torch.manual_seed(0)
-    model = TinyGPT(n_layer, width, heads).to(device).train()
+    config = GPTConfig(block_size=seq, vocab_size=VOCAB, n_layer=n_layer, n_head=heads, n_embd=width, dropout=0.1)
+    model = GPT(config).to(device).train()
+    _GPT_BLOCKS[model] = model.transformer.h
     idx = torch.randint(0, VOCAB, (batch, seq), device=device)
-    return model, lambda: model(idx), batch * seq
+    return model, lambda: model(idx, targets=idx)[1], batch * seq
 
 
 def _llama(n_layer, size, device):
@@ -134,11 +117,12 @@ def _set_variant(model, variant):
         if hasattr(model, name):
             getattr(model, name)()
             break
+    if isinstance(model, GPT):
+        model.transformer.h = _GPT_BLOCKS[model]  # the GPT's own block list again
     apply_checkpointing(model, "none")
-    if isinstance(model, TinyGPT):
-        model.run_blocks = {"torch-every": _torch_every, "torch-sqrt": _torch_sqrt}.get(variant, _plain)
-        if variant == "ours-sequential-sqrt":
-            model.run_blocks = _ours_sequential_sqrt
+    run = {"torch-every": _torch_every, "torch-sqrt": _torch_sqrt, "ours-sequential-sqrt": _ours_sequential_sqrt}
+    if isinstance(model, GPT) and variant in run:
+        model.transformer.h = nn.ModuleList([_RunBlocks(model.transformer.h, run[variant])])
     if variant == "transformers-every":
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
