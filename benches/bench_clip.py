@@ -4,7 +4,7 @@
   image-caption pairs; throughput in images/s and the peak memory of the step (the first call, so AdamW's state
   is in it). The contrastive logits are (batch, batch), so the loss's share grows with the square of the batch.
 - clip-zero-shot: zero-shot classification of the 360 held-out digits with the model trained once by
-  `impl.clip.train.train` (seeded; fewer epochs at --size smoke). `accuracy` uses the training templates (prompt
+  `impl.clip.train_clip` (seeded; fewer epochs at --size smoke). `accuracy` uses the training templates (prompt
   ensemble), `unseen_*` templates never used for a training caption. The picture is the confusion matrix.
 - clip-loss: forward and backward of the contrastive loss alone on (batch, 64) embeddings, ours against the
   computation of transformers' `CLIPModel.forward` (normalize, scale, `image_text_contrastive_loss`) as reference.
@@ -15,18 +15,9 @@
 import pytest
 import torch
 
-from impl.clip import CLIP, clip_loss
-from impl.clip.model import CLIPConfig
-from impl.clip.train import (
-    TRAIN_TEMPLATES,
-    UNSEEN_TEMPLATES,
-    TrainConfig,
-    captions,
-    confusion_figure,
-    load_digits_split,
-    train,
-    zero_shot_accuracy,
-)
+from impl.clip import CLIP, CLIPConfig, CLIPTrainConfig, clip_loss, train_clip, zero_shot_accuracy
+from impl.clip.train import confusion_figure
+from impl.data import TRAIN_TEMPLATES, UNSEEN_TEMPLATES, captions, load_digits_split
 
 SWEEPS = {"batch_size": {"smoke": [32, 128], "small": [16, 32, 64, 128, 256, 512], "full": [32, 128, 512, 1024]}}
 LOSS_PROVIDERS = ("ours", "transformers")
@@ -35,7 +26,7 @@ EPOCHS = {"smoke": 4, "small": 15, "full": 15}
 
 @pytest.fixture(scope="module")
 def trained(size, device):
-    return train(TrainConfig(epochs=EPOCHS[size], device=str(device)))
+    return train_clip(CLIPTrainConfig(epochs=EPOCHS[size], device=str(device)))
 
 
 @pytest.mark.benchmark(group="clip-train-step")

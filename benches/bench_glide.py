@@ -19,9 +19,8 @@ import dataclasses
 import pytest
 import torch
 
-from impl.clip.train import TRAIN_TEMPLATES, captions, load_digits_split
-from impl.clip.train import TrainConfig as ClipTrainConfig
-from impl.clip.train import train as train_clip
+from impl.clip import CLIPTrainConfig, train_clip
+from impl.data import TRAIN_TEMPLATES, captions, digit_prompts, load_digits_split
 from impl.diffusion import glide
 from impl.diffusion.digits import DigitJudge, image_grid, to_model_space
 from impl.diffusion.loops import diffusion_loss, make_scheduler
@@ -100,7 +99,7 @@ def test_train_step(bench, device, batch_size):
 @pytest.mark.benchmark(group="glide-guidance")
 @pytest.mark.parametrize("variant", ["ddim", "ddim-x0-clamped"])
 def test_guidance(bench, trained, judge, size, variant, guidance_scale):
-    texts, labels = glide.digit_prompts(PER_DIGIT[size])
+    texts, labels = digit_prompts(PER_DIGIT[size])
     model = trained
     if variant == "ddim-x0-clamped":
         model = dataclasses.replace(trained, schedule={**trained.schedule, "clip_sample": True})
@@ -133,12 +132,12 @@ def test_guidance(bench, trained, judge, size, variant, guidance_scale):
 
 @pytest.fixture(scope="module")
 def clip(size, device):
-    return train_clip(ClipTrainConfig(epochs=CLIP_EPOCHS[size], device=str(device)))
+    return train_clip(CLIPTrainConfig(epochs=CLIP_EPOCHS[size], device=str(device)))
 
 
 @pytest.mark.benchmark(group="glide-clip-guidance")
 def test_clip_guidance(bench, trained, clip, judge, size, clip_guidance_scale):
-    texts, labels = glide.digit_prompts(PER_DIGIT[size])
+    texts, labels = digit_prompts(PER_DIGIT[size])
 
     def fn():
         return glide.sample(trained, texts, guidance_scale=0.0, clip=clip.model, clip_tokenizer=clip.tokenizer,
@@ -165,7 +164,7 @@ def test_clip_guidance(bench, trained, clip, judge, size, clip_guidance_scale):
 @pytest.mark.benchmark(group="glide-sampling")
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_sampling_steps(bench, trained, judge, size, sampler, num_inference_steps):
-    texts, labels = glide.digit_prompts(PER_DIGIT[size])
+    texts, labels = digit_prompts(PER_DIGIT[size])
 
     def fn():
         return glide.sample(trained, texts, guidance_scale=GUIDANCE, num_inference_steps=num_inference_steps,

@@ -18,12 +18,10 @@ mean nothing).
 import pytest
 import torch
 
-from impl.clip.train import CLASS_NAMES, load_digits_split
-from impl.clip.train import TrainConfig as ClipTrainConfig
-from impl.clip.train import train as train_clip
+from impl.clip import CLIPTrainConfig, train_clip
+from impl.data import CLASS_NAMES, EVAL_TEMPLATE, digit_prompts, load_digits_split
 from impl.diffusion import unclip
 from impl.diffusion.digits import DigitJudge, image_grid, to_model_space
-from impl.diffusion.glide import EVAL_TEMPLATE, digit_prompts
 from impl.diffusion.loops import diffusion_loss, make_scheduler
 
 SWEEPS = {
@@ -42,7 +40,7 @@ pytestmark = pytest.mark.timeout(1200)
 
 @pytest.fixture(scope="module")
 def trained(size, device) -> unclip.UnCLIP:
-    clip = train_clip(ClipTrainConfig(epochs=CLIP_EPOCHS[size], device=str(device)))
+    clip = train_clip(CLIPTrainConfig(epochs=CLIP_EPOCHS[size], device=str(device)))
     prior_steps, decoder_steps = TRAIN_STEPS[size]
     config = unclip.TrainConfig(prior_steps=prior_steps, decoder_steps=decoder_steps, device=str(device))
     return unclip.train(config, clip=clip.model, clip_tokenizer=clip.tokenizer)
