@@ -9,7 +9,10 @@ communication, and every stage's peak bytes during a step (MemoryMeter: exact on
 1F1B's stop at the p - s micro-batches stage s keeps in flight. The row's peak memory is stage 0's.
 
 Tensor parallel (`tensor-parallel-gpt`): one training step (forward, vocab-parallel loss, backward, AdamW) of the
-same GPT split over TP ranks; the row records rank 0's parameter bytes and its peak bytes during the step.
+same GPT split over TP ranks in place (`tensor_parallelize`); the row records rank 0's parameter bytes and its
+peak bytes during the step. The `megatron-tp+checkpoint` rows compose it with activation checkpointing of every
+block (`impl.memory.apply_checkpointing`): lower peak, one more forward of the blocks (and their all-reduces)
+in backward, the same losses.
 
 Ranks stay up for a whole benchmark; one timed call is one synchronized step on every rank, driven from here
 through pipes. The ranks run on gloo, so every row is recorded on the CPU, whatever the session's device.
@@ -27,10 +30,11 @@ import torch.distributed as dist
 
 from impl.common import MemoryMeter, tensor_bytes
 from impl.common.roofline import train_flops
-from impl.distributed import PipelineSchedule, tensor_parallelize
+from impl.distributed import PipelineSchedule, split_gpt, tensor_parallelize
 from impl.distributed.launch import RankPool
-from impl.distributed.pipeline import gpt_loss, split_gpt
-from impl.gpt.model import GPT, GPTConfig
+from impl.distributed.pipeline import gpt_loss
+from impl.gpt import GPT, GPTConfig
+from impl.memory import apply_checkpointing
 
 SWEEPS = {
     "n_microbatches": {"smoke": [1, 4], "small": [1, 2, 4, 8, 16], "full": [1, 2, 4, 8, 16, 32]},
@@ -84,8 +88,8 @@ class _PipelineRank:
 
 
 class _TensorParallelRank:
-    def __init__(self, size: str):
-        self.model = tensor_parallelize(_gpt(size), dist.group.WORLD)
+    def __init__(self, size: str, checkpointing: str = "none"):
+        self.model = apply_checkpointing(tensor_parallelize(_gpt(size), dist.group.WORLD), checkpointing)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR)
         _, _, _, seq, batch = SIZES[size]
         self.tokens = _tokens(batch, seq)
@@ -185,18 +189,19 @@ def test_pipeline(bench, size, schedule, n_microbatches):
 
 
 @pytest.mark.benchmark(group="tensor-parallel-gpt")
-def test_tensor_parallel(bench, size, tp):
+@pytest.mark.parametrize("checkpointing", ["none", "every"])
+def test_tensor_parallel(bench, size, tp, checkpointing):
     n_embd, _, n_layer, seq, batch = SIZES[size]
-    ranks = RankPool(_serve, tp, "tp", (size,), timeout_s=TIMEOUT_S)
+    ranks = RankPool(_serve, tp, "tp", (size, checkpointing), timeout_s=TIMEOUT_S)
     try:
         rank0 = ranks.ready[0]
         info = bench(
             lambda: ranks.send("step"),
-            variant="megatron-tp",
+            variant="megatron-tp" if checkpointing == "none" else "megatron-tp+checkpoint",
             params={"tp": tp, "n_embd": n_embd, "layers": n_layer, "seq": seq, "batch": batch},
             sweep="tp",
             dtype=torch.float32,
-            baseline=tp == 1,
+            baseline=tp == 1 and checkpointing == "none",
             flops=_step_flops(size, batch * seq),
             mfu=True,
             tokens=batch * seq,
