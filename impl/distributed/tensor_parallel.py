@@ -41,6 +41,7 @@ random numbers (seed them alike). `tp_groups(tp)` cuts the world into tensor-par
 consecutive ranks and data-parallel groups across them.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -117,16 +118,9 @@ def _all_gather(x: torch.Tensor, group) -> list[torch.Tensor]:
     return parts
 
 
-def copy_to_parallel(x: torch.Tensor, group) -> torch.Tensor:
-    return _CopyToParallel.apply(x, group)
-
-
-def reduce_from_parallel(x: torch.Tensor, group) -> torch.Tensor:
-    return _ReduceFromParallel.apply(x, group)
-
-
-def gather_from_parallel(x: torch.Tensor, group) -> torch.Tensor:
-    return _GatherFromParallel.apply(x, group)
+copy_to_parallel = _CopyToParallel.apply  # (x, group): f
+reduce_from_parallel = _ReduceFromParallel.apply  # (x, group): g
+gather_from_parallel = _GatherFromParallel.apply  # (x, group): all-gather along the last dimension
 
 
 # ---- layers ----
@@ -138,10 +132,8 @@ class ColumnParallelLinear(nn.Module):
     `parts` > 1: the output is `parts` equal blocks (a fused q, k, v projection) and each is split on its own,
     so this rank holds [q_i; k_i; v_i]."""
 
-    def __init__(
-        self, in_features: int, out_features: int, group, bias: bool = True, gather_output: bool = False,
-        parts: int = 1, device=None, dtype=None,
-    ):  # fmt: skip
+    def __init__(self, in_features, out_features, group, bias=True, gather_output=False, parts=1, device=None,
+                 dtype=None):  # fmt: skip
         super().__init__()
         tp, _ = _tp_size_and_rank(group)
         _check_divisible("out_features", out_features, tp * parts)
@@ -253,16 +245,6 @@ def vocab_parallel_cross_entropy(
     return loss.to(logits.dtype)
 
 
-class VocabParallelLoss:
-    """`loss_fn(logits, targets)` of a tensor-parallel GPT: `vocab_parallel_cross_entropy` over `group`."""
-
-    def __init__(self, group, vocab_size: int):
-        self.group, self.vocab_size = group, vocab_size
-
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits, targets, self.group, self.vocab_size)
-
-
 # ---- the GPT, parallelized in place ----
 
 
@@ -295,7 +277,9 @@ def tensor_parallelize(gpt: GPT, group) -> GPT:
         wte = tr["wte"]
         if wte is not None:
             parallel = VocabParallelEmbedding(c.vocab_size, c.n_embd, group, device="meta")
-            parallel.weight = nn.Parameter(_shard_tensor(wte.weight, ("vocab", c.vocab_size), group))
+            parallel.weight = nn.Parameter(
+                _shard_tensor(wte.weight, ("vocab", c.vocab_size), group), wte.weight.requires_grad
+            )
             tr["wte"] = parallel
         if head is not None:
             padded = math.ceil(c.vocab_size / tp) * tp
@@ -303,9 +287,10 @@ def tensor_parallelize(gpt: GPT, group) -> GPT:
             if wte is not None and head.weight is wte.weight:
                 parallel.weight = tr["wte"].weight  # weight tying, shard by shard
             else:  # a last pipeline stage's own copy of the embedding
-                parallel.weight = nn.Parameter(_shard_tensor(head.weight, ("vocab", c.vocab_size), group))
+                local = _shard_tensor(head.weight, ("vocab", c.vocab_size), group)
+                parallel.weight = nn.Parameter(local, head.weight.requires_grad)
             gpt.lm_head = parallel
-    gpt.loss_fn = VocabParallelLoss(group, c.vocab_size)
+    gpt.loss_fn = functools.partial(vocab_parallel_cross_entropy, group=group, vocab_size=c.vocab_size)
     gpt.tp_group = group
     return gpt
 
@@ -431,14 +416,7 @@ def tp_groups(tp: int) -> ParallelGroups:
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % tp:
         raise ValueError(f"tp must divide the world size {world}, got {tp}")
-    dp = world // tp
-    mine = {}
-    for d in range(dp):  # every rank creates every group, in the same order
-        group = dist.new_group(list(range(d * tp, (d + 1) * tp)))
-        if rank // tp == d:
-            mine["tp"] = group
-    for t in range(tp):
-        group = dist.new_group(list(range(t, world, tp)))
-        if rank % tp == t:
-            mine["dp"] = group
-    return ParallelGroups(mine["tp"], mine["dp"], tp, dp, rank % tp, rank // tp)
+    # Every rank creates every group, in the same order, and keeps its own two.
+    tp_all = [dist.new_group(list(range(d * tp, (d + 1) * tp))) for d in range(world // tp)]
+    dp_all = [dist.new_group(list(range(t, world, tp))) for t in range(tp)]
+    return ParallelGroups(tp_all[rank // tp], dp_all[rank % tp], tp, world // tp, rank % tp, rank // tp)
