@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from impl.gpt.parallel_tp import clip_grads_, gather_tp, shard_tp, skeleton, tp_sharded
+
 MODES = ("none", "ddp", "fsdp2", "zero1", "zero2", "zero3")
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -55,7 +57,11 @@ class Layout:
 
 
 def launch_env() -> tuple[int, int, int] | None:
-    """(rank, world_size, local_rank) when torchrun (or a launcher like it) started this process, else None."""
+    """(rank, world_size, local_rank) when torchrun (or a launcher like it) started this process, or when a
+    process group is already up (the rank of `impl.distributed.spawn`); else None."""
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        return rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", rank))
     if not all(name in os.environ for name in _ENV):
         return None
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -95,14 +101,15 @@ def plan_layout(mode: str, tp: int, batch_size: int, n_head: int, env: tuple[int
 
 
 def init_groups(layout: Layout, device: torch.device, timeout_s: float):
-    """Join the world (gloo on CPU, nccl on CUDA) and build the groups: (tp_group or None, dp_group).
-    TP groups are consecutive ranks [k*tp, (k+1)*tp); a DP group takes one rank of each."""
+    """Join the world (gloo on CPU, nccl on CUDA) unless this process is in it already, and build the groups:
+    (tp_group or None, dp_group). TP groups are consecutive ranks [k*tp, (k+1)*tp); a DP group one of each."""
     import datetime
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if not dist.is_initialized():  # else a launcher in this process (spawn) set the world up
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     tp_group = dp_group = None
     world, tp = layout.world_size, layout.tp
     for start in range(0, world, tp):  # every rank creates every group, in the same order
@@ -149,24 +156,20 @@ def load_full_model(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 class _ZeroAdamW(torch.optim.AdamW):
     """AdamW over ZeRO's flat shards (one group): weight decay on the shards of matrices only (`decay`, one flag per
-    shard) and the global gradient norm clipped first, summed over the data-parallel group when sharded."""
+    shard) and the global gradient norm clipped first, the shards' squares summed over the data-parallel group (and
+    the TP-split parameters' over the TP group: `split`, one flag per shard)."""
 
-    def __init__(self, params, *, decay, weight_decay, clip, group, sharded, **kwargs):
+    def __init__(self, params, *, decay, split, weight_decay, clip, dp_group, tp_group, **kwargs):
         super().__init__(params, weight_decay=0.0, **kwargs)
-        self.decay, self.decoupled, self.clip = decay, weight_decay, clip
-        self.group, self.sharded = group, sharded
+        self.decay, self.split, self.decoupled, self.clip = decay, split, weight_decay, clip
+        self.dp_group, self.tp_group = dp_group, tp_group
 
     @torch.no_grad()
     def step(self, closure=None):
         params = self.param_groups[0]["params"]
-        grads = [p.grad for p in params if p.grad is not None]
-        if self.clip and grads:
-            total = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
-            if self.sharded:
-                dist.all_reduce(total, group=self.group)  # the shards' squares add up to the full norm's
-            coef = (self.clip / (total.sqrt() + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
-            for g in grads:
-                g.mul_(coef)
+        if self.clip:
+            grads = [(p.grad, s) for p, s in zip(params, self.split) if p.grad is not None]
+            clip_grads_(grads, self.clip, self.dp_group, self.tp_group)
         lr = self.param_groups[0]["lr"]
         for p, decays in zip(params, self.decay):
             if decays and p.grad is not None:  # AdamW's decoupled decay, applied before the update as torch does
@@ -182,10 +185,13 @@ class Engine:
         self.module, self.cfg, self.layout, self.device = model, cfg, layout, device
         self.dp_group, self.tp_group = dp_group, tp_group
         mode = layout.mode
+        self.skeleton = self.split = None
         if tp_group is not None:
             from impl.distributed import tensor_parallelize
 
+            self.skeleton = skeleton(model.config, tp_group)
             tensor_parallelize(model, tp_group)
+        self.split = tp_sharded(model)
         self.zero = None
         self.wrapped = model
         if mode == "ddp":
@@ -204,11 +210,12 @@ class Engine:
         elif mode.startswith("zero"):
             from impl.distributed import Zero
 
-            trainable = [p for p in model.parameters() if p.requires_grad]
+            trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             self.zero = Zero(
                 model, _ZeroAdamW, stage=int(mode[-1]), process_group=dp_group, lr=cfg.learning_rate,
-                betas=(cfg.beta1, cfg.beta2), decay=[p.dim() >= 2 for p in trainable], weight_decay=cfg.weight_decay,
-                clip=cfg.grad_clip, group=dp_group, sharded=True,
+                betas=(cfg.beta1, cfg.beta2), decay=[p.dim() >= 2 for _, p in trainable],
+                split=[n in self.split for n, _ in trainable], weight_decay=cfg.weight_decay, clip=cfg.grad_clip,
+                dp_group=dp_group, tp_group=tp_group,
             )  # fmt: skip
             self.wrapped = self.zero
         if self.zero is None:
@@ -242,13 +249,13 @@ class Engine:
         self.optimizer.step()
 
     def _clip(self, max_norm: float) -> None:
-        params = [p for p in self.module.parameters() if p.grad is not None]
+        named = [(n, p) for n, p in self.module.named_parameters() if p.grad is not None]
         if self.tp_group is None:  # replicated gradients (DDP) or DTensors (FSDP2): torch finds the global norm
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], max_norm)
             return
-        from impl.gpt.parallel_tp import clip_tp
-
-        clip_tp(self.module, params, max_norm, self.tp_group)
+        fsdp = self.layout.mode == "fsdp2"  # DTensor gradients: this rank's shard of its TP slice
+        grads = [(p.grad.to_local() if fsdp else p.grad, n in self.split) for n, p in named]
+        clip_grads_(grads, max_norm, self.dp_group if fsdp else None, self.tp_group)
 
     # ---- full states ----
 
@@ -267,16 +274,14 @@ class Engine:
                 get_optimizer_state_dict,
             )
 
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            options = StateDictOptions(full_state_dict=True)  # on every rank: the TP slices gather next
             model = get_model_state_dict(self.module, options=options)
             named = get_optimizer_state_dict(self.module, self.optimizer, options=options).get("state", {})
         else:
             model = self.module.state_dict()
             named = named_optimizer_state(self.module, self.optimizer)
         if self.tp_group is not None:
-            from impl.gpt.parallel_tp import gather_tp
-
-            model, named = gather_tp(self.module, model, named, self.tp_group)
+            model, named = gather_tp(self.skeleton, model, named)
         if self.layout.rank != 0:
             return None
         cpu = lambda t: t.detach().cpu().clone() if isinstance(t, torch.Tensor) else t
@@ -285,9 +290,7 @@ class Engine:
     def load_full_state(self, model: dict, named: dict) -> None:
         """Every rank: take this rank's part of a full state (every rank holds all of it)."""
         if self.tp_group is not None:
-            from impl.gpt.parallel_tp import shard_tp
-
-            model, named = shard_tp(self.module, model, named, self.tp_group)
+            model, named = shard_tp(self.skeleton, model, named)
         if self.zero is not None:
             order = [n for n, p in self.module.named_parameters() if p.requires_grad]
             groups = self.zero.optimizer.state_dict()["param_groups"]

@@ -164,11 +164,13 @@ def train_parallel(cfg: TrainConfig, out_dir, data_path, layout: Layout, progres
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", layout.local_rank)
+    joined = dist.is_initialized()  # by a launcher in this process, which also ends the group
     tp_group, dp_group = init_groups(layout, device, TIMEOUT_S)
     try:
         return _train(cfg, Path(out_dir), data_path, layout, device, dp_group, tp_group, progress)
     finally:
-        dist.destroy_process_group()
+        if not joined:
+            dist.destroy_process_group()
 
 
 def _train(cfg, out_dir, data_path, layout, device, dp_group, tp_group, progress) -> dict | None:
