@@ -6,6 +6,7 @@ computation done without it, on the same weights and batches.
   alive after forward (MemoryMeter), and really replays: backward issues each block's forward all-reduces again.
 - ZeRO-3 (ours) on the GPT: a few AdamW steps over 2 ranks (half the batch each) equal single-process AdamW on
   the whole batches, with each rank holding 1/world of the parameter bytes.
+- TP on pipeline stages: a stage cut from the GPT, tensor-parallelized, gives the unsplit stage's output.
 - Data x tensor parallelism: 4 ranks as 2 (dp) x 2 (tp) groups from `tp_groups`; ZeRO-3 over the dp group wraps
   the TP'd GPT; its steps equal single-process AdamW (each rank's state is its TP slice of the reference).
 
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from impl.common import MemoryMeter, tolerance
-from impl.distributed import Zero, shard_state_dict, spawn, tensor_parallelize, tp_groups
+from impl.distributed import Zero, full_logits, shard_state_dict, spawn, split_gpt, tensor_parallelize, tp_groups
 from impl.gpt import GPT, GPTConfig
 from impl.memory import apply_checkpointing
 
@@ -144,9 +145,25 @@ def _dp_tp_run(rank: int, world_size: int) -> dict:
     }
 
 
+def _tp_stages_run(group) -> dict:
+    """Pipeline stages of the GPT, each tensor-parallelized: the first (embeddings, no head) and the last (no
+    embeddings, its own copy of the tied head) give the unsplit stages' outputs."""
+    stages, parallel = split_gpt(_gpt(), 2), [tensor_parallelize(s, group) for s in split_gpt(_gpt(), 2)]
+    idx, _ = _batch()
+    hidden = stages[0](idx)
+    out = {"hidden": (parallel[0](idx).detach(), hidden.detach())}
+    out["logits"] = (full_logits(parallel[1], parallel[1](hidden)).detach(), stages[1](hidden).detach())
+    out["absent"] = (parallel[0].lm_head, parallel[1].transformer["wte"])
+    return out
+
+
 def _world2(rank: int, world_size: int) -> dict:
     group = dist.group.WORLD
-    return {"tp": {p: _tp_run(p, group) for p in ("none", "every")}, "zero3": _zero3_run(rank, world_size)}
+    return {
+        "tp": {p: _tp_run(p, group) for p in ("none", "every")},
+        "zero3": _zero3_run(rank, world_size),
+        "stages": _tp_stages_run(group),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +217,17 @@ def test_tp_with_checkpointing_keeps_fewer_bytes_and_replays_the_blocks(world2):
         assert checkpointed["kept"] < 0.6 * plain["kept"], (checkpointed["kept"], plain["kept"])
         assert checkpointed["all_reduces"][0] == plain["all_reduces"][0]
         assert checkpointed["all_reduces"][1] == plain["all_reduces"][1] + 2 * n_layer
+
+
+def test_tp_on_pipeline_stages_matches_the_unsplit_stages(world2):
+    """TP x PP: tensor_parallelize skips the parts a stage does not hold and splits the last stage's own head."""
+    for rank_result in world2:
+        stages = rank_result["stages"]
+        assert stages["absent"] == (None, None)
+        for name in ("hidden", "logits"):
+            _assert_close(*stages[name], name)
+    with pytest.raises(AssertionError):  # negative control: a 1% change in the hidden states is caught
+        _assert_close(stages["hidden"][0], stages["hidden"][1] * 1.01)
 
 
 # ---- ZeRO-3 on the GPT ----
