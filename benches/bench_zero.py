@@ -17,6 +17,11 @@ shards where a variant shards them) with one AdamW step of the same MLP on the w
 process. MFU counts the step's model FLOPs for the whole world (6 x parameters x samples: `train_flops` with no
 attention term, n_layer=0, since the model is an MLP); the ranks share one machine. With gloo the ranks run on
 the CPU, and the rows say so.
+
+`zero-stage3-gpt` runs stage 3 on the project's GPT (`impl.gpt.GPT`, tied embedding and all) beside plain data
+parallelism and FSDP2 (each block and the whole model `fully_shard`ed): ZeRO-3 composed with the model the
+rest of the project trains. Its error column compares one AdamW step with the single-process GPT on the whole
+batch, its MFU counts the GPT's training FLOPs (attention included).
 """
 
 from fractions import Fraction
@@ -29,9 +34,11 @@ from torch import nn
 from impl.common.roofline import train_flops
 from impl.distributed import Zero
 from impl.distributed.launch import RankPool
+from impl.gpt import GPT, GPTConfig
 
 SWEEPS = {"world_size": {"smoke": [2], "small": [1, 2, 4], "full": [1, 2, 4]}}
 SIZES = {"smoke": (64, 2, 8), "small": (512, 4, 16), "full": (1024, 4, 32)}  # (width, layers, global batch)
+GPT_SEQ, GPT_VOCAB, GPT_HEAD_DIM = 32, 65, 16  # the GPT rows: n_embd = width, n_layer = layers
 TIMEOUT_S = 120
 # Bytes per parameter on each of N ranks with fp32 Adam (ZeRO paper, Fig. 1, without mixed precision).
 PAPER_BYTES = {
@@ -56,19 +63,35 @@ def _mlp(width: int, layers: int) -> nn.Module:
     return nn.Sequential(*blocks, nn.Linear(width, width))
 
 
-def _rank_batch(rank: int, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _gpt(width: int, layers: int) -> GPT:
+    torch.manual_seed(0)
+    config = GPTConfig(GPT_SEQ, GPT_VOCAB, n_layer=layers, n_head=width // GPT_HEAD_DIM, n_embd=width)
+    return GPT(config)
+
+
+def _model(kind: str, width: int, layers: int) -> nn.Module:
+    return _gpt(width, layers) if kind == "gpt" else _mlp(width, layers)
+
+
+def _rank_batch(rank: int, rows: int, width: int, kind: str = "mlp") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(rank)
+    if kind == "gpt":  # token ids and next-token targets
+        return tuple(torch.randint(0, GPT_VOCAB, (rows, GPT_SEQ), generator=g) for _ in range(2))
     return torch.randn(rows, width, generator=g), torch.randn(rows, width, generator=g)
 
 
-def _reference_step(sizes: tuple, world_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """One AdamW step of the MLP in a single process on the global batch (every rank's slice, concatenated)."""
+def _loss(kind: str, run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return run(x, y)[1] if kind == "gpt" else F.mse_loss(run(x), y)
+
+
+def _reference_step(sizes: tuple, world_size: int, device: torch.device, kind: str) -> dict[str, torch.Tensor]:
+    """One AdamW step of the model in a single process on the global batch (every rank's slice, concatenated)."""
     width, layers, batch = sizes
-    model = _mlp(width, layers).to(device)
-    x, y = (torch.cat(t).to(device) for t in zip(*(_rank_batch(r, batch // world_size, width)
+    model = _model(kind, width, layers).to(device)
+    x, y = (torch.cat(t).to(device) for t in zip(*(_rank_batch(r, batch // world_size, width, kind)
                                                     for r in range(world_size))))  # fmt: skip
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    F.mse_loss(model(x), y).backward()
+    _loss(kind, model, x, y).backward()
     optimizer.step()
     return {name: p.detach() for name, p in model.named_parameters()}
 
@@ -88,10 +111,11 @@ def _local_bytes(tensors) -> int:
 class _Setup:
     """One rank's model, wrapped by `variant`, and its fixed slice of a fixed batch."""
 
-    def __init__(self, variant: str, rank: int, world_size: int, device: torch.device, width, layers, batch):
-        model = _mlp(width, layers).to(device)
+    def __init__(self, variant: str, rank: int, world_size: int, device: torch.device, kind, width, layers, batch):
+        model = _model(kind, width, layers).to(device)
+        self.kind = kind
         self.numel = sum(p.numel() for p in model.parameters())
-        self.x, self.y = (t.to(device) for t in _rank_batch(rank, batch // world_size, width))
+        self.x, self.y = (t.to(device) for t in _rank_batch(rank, batch // world_size, width, kind))
         self.zero = None
         if variant.startswith("zero-") or variant == "dp":
             stage = 0 if variant == "dp" else int(variant[-1])
@@ -102,8 +126,8 @@ class _Setup:
         if variant == "torch-fsdp2":
             from torch.distributed.fsdp import fully_shard
 
-            for layer in model:
-                if isinstance(layer, nn.Linear):
+            for layer in model.transformer.h if kind == "gpt" else model:
+                if isinstance(layer, nn.Linear) or kind == "gpt":
                     fully_shard(layer)
             self.run = fully_shard(model)
             self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -120,7 +144,7 @@ class _Setup:
 
     def step(self, measure: bool = False) -> dict | None:
         before = self.zero.comm.bytes_moved if self.zero is not None else None
-        F.mse_loss(self.run(self.x), self.y).backward()
+        _loss(self.kind, self.run, self.x, self.y).backward()
         self.optimizer.step()
         stats = self.stats(before) if measure else None
         self.optimizer.zero_grad()
@@ -150,11 +174,11 @@ class _Setup:
         return {"numel": self.numel, "state_bytes": total, "comm_bytes": None}
 
 
-def _serve(rank: int, world_size: int, conn, variant: str, sizes: tuple) -> None:
+def _serve(rank: int, world_size: int, conn, variant: str, kind: str, sizes: tuple) -> None:
     """A rank's loop (run by RankPool): build the setup, report one measured step, then one step per "step"."""
     on_gpu = torch.distributed.get_backend() == "nccl"  # spawn() has set this rank's GPU
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    setup = _Setup(variant, rank, world_size, device, *sizes)
+    setup = _Setup(variant, rank, world_size, device, kind, *sizes)
     stats = setup.step(measure=True)
     params = setup.full_params()  # every rank joins the gathers; rank 0's copy goes back
     conn.send({**stats, "params": params} if rank == 0 else stats)
@@ -165,12 +189,12 @@ def _serve(rank: int, world_size: int, conn, variant: str, sizes: tuple) -> None
         conn.send(None)
 
 
-def _bench_variant(bench, device, size, stage: int, variant: str, world_size: int) -> None:
+def _bench_variant(bench, device, size, stage: int, variant: str, world_size: int, kind: str = "mlp") -> None:
     if device.type == "cuda" and world_size > torch.cuda.device_count():
         pytest.skip(f"world_size={world_size} needs that many GPUs, found {torch.cuda.device_count()}")
     backend = "nccl" if device.type == "cuda" else "gloo"
     sizes = SIZES[size]
-    ranks = RankPool(_serve, world_size, variant, sizes, backend=backend, timeout_s=TIMEOUT_S)
+    ranks = RankPool(_serve, world_size, variant, kind, sizes, backend=backend, timeout_s=TIMEOUT_S)
     try:
         stats = ranks.ready[0]
         numel = stats["numel"]
@@ -181,19 +205,25 @@ def _bench_variant(bench, device, size, stage: int, variant: str, world_size: in
             "comm MiB/step": None if stats["comm_bytes"] is None else round(stats["comm_bytes"] / 2**20, 3),
             "comm vs 2Ψ": None if stats["comm_bytes"] is None else round(stats["comm_bytes"] / (2 * 4 * numel), 3),
         }
-        expected = _reference_step(sizes, world_size, device)
+        expected = _reference_step(sizes, world_size, device, kind)
+        params = {"world_size": world_size, "width": width, "layers": layers, "batch": batch, "params": numel}
+        flops, items, unit = train_flops(numel, 0, 0, 0, batch), batch, "samples/s"  # whole world: 6·N per sample
+        if kind == "gpt":  # per token, attention included
+            tokens = batch * GPT_SEQ
+            flops, items, unit = train_flops(numel, layers, width, GPT_SEQ, tokens), tokens, "tokens/s"
+            params["seq"] = GPT_SEQ
         info = bench(
             lambda: ranks.send("step"),
             variant=variant,
-            params={"world_size": world_size, "width": width, "layers": layers, "batch": batch, "params": numel},
+            params=params,
             sweep="world_size",
             dtype=torch.float32,
             baseline=variant == "dp",
             reference=variant == REFERENCES.get(stage),
-            flops=train_flops(numel, 0, 0, 0, batch),  # whole world: 6·N per sample
+            flops=flops,
             mfu=True,
-            items=batch,
-            items_unit="samples/s",
+            items=items,
+            items_unit=unit,
             metrics=metrics,
             expected=expected,
             output=lambda: stats["params"],  # after the first step, taken before bench's own calls
@@ -227,3 +257,9 @@ def test_stage2(bench, device, size, variant, world_size):
 @pytest.mark.parametrize("variant", ["dp", "zero-3", "torch-fsdp2"])
 def test_stage3(bench, device, size, variant, world_size):
     _bench_variant(bench, device, size, 3, variant, world_size)
+
+
+@pytest.mark.benchmark(group="zero-stage3-gpt")
+@pytest.mark.parametrize("variant", ["dp", "zero-3", "torch-fsdp2"])
+def test_stage3_gpt(bench, device, size, variant, world_size):
+    _bench_variant(bench, device, size, 3, variant, world_size, kind="gpt")
