@@ -1,4 +1,6 @@
-"""Bad input to every attention entry point: a ValueError/TypeError that names the argument and both values."""
+"""Bad input to every attention entry point: a ValueError/TypeError that names the argument and both values;
+the masks too (a boolean mask of the wrong shape or dtype, document ids that are not non-decreasing, cumulative
+lengths that do not start at 0, increase and end at the key length, both forms at once)."""
 
 import subprocess
 import sys
@@ -36,13 +38,40 @@ BAD = {
     "causal-lengths": (lambda: qkv(kv_shape=(1, 2, 7, 16)), {"causal": True}, ValueError,
                        r"causal attention needs no more queries than keys \(bottom-right aligned\), got q 8 and k 7"),
     "scale": (qkv, {"scale": -1.0}, ValueError, r"scale must be a positive number or None, got -1.0"),
+    "mask-dtype": (qkv, {"mask": torch.ones(1, 1, 8, 8)}, TypeError,
+                   r"mask must have dtype torch.bool, got torch.float32"),
+    "mask-shape": (qkv, {"mask": torch.ones(1, 1, 8, 9, dtype=torch.bool)}, ValueError,
+                   r"mask must be 4-D and broadcastable to \(B, Hq, Nq, Nk\) = \(1, 4, 8, 8\), got \(1, 1, 8, 9\)"),
+    "mask-rank": (qkv, {"mask": torch.ones(8, 8, dtype=torch.bool)}, ValueError,
+                  r"mask must be 4-D and broadcastable .*got \(8, 8\)"),
+    "doc-decreasing": (qkv, {"document_ids": torch.tensor([[0, 0, 1, 1, 0, 2, 2, 2]])}, ValueError,
+                       r"document_ids must be non-decreasing .*got 1 then 0 at row 0, positions 3 and 4"),
+    "doc-shape": (qkv, {"document_ids": torch.zeros(1, 7, dtype=torch.long)}, ValueError,
+                  r"document_ids must have shape \(1, 8\), got shape \(1, 7\)"),
+    "doc-float": (qkv, {"document_ids": torch.zeros(1, 8)}, TypeError,
+                  r"document_ids must be an integer tensor, got torch.float32"),
+    "doc-more-queries": (lambda: qkv(kv_shape=(1, 2, 6, 16)), {"document_ids": torch.zeros(1, 6, dtype=torch.long)},
+                         ValueError, r"document masks need no more queries than keys .*got q 8 and k 6"),
+    "cu-end": (qkv, {"cu_seqlens": torch.tensor([0, 3, 7])}, ValueError,
+               r"cu_seqlens must start at 0, strictly increase and end at the key length 8, got \[0, 3, 7\]"),
+    "cu-start": (qkv, {"cu_seqlens": torch.tensor([1, 3, 8])}, ValueError,
+                 r"cu_seqlens must start at 0, .*got \[1, 3, 8\]"),
+    "cu-increase": (qkv, {"cu_seqlens": torch.tensor([0, 3, 3, 8])}, ValueError,
+                    r"cu_seqlens must start at 0, strictly increase .*got \[0, 3, 3, 8\]"),
+    "cu-rank": (qkv, {"cu_seqlens": torch.tensor([[0, 8]])}, ValueError, r"cu_seqlens must be 1-D, got shape \(1, 2\)"),
+    "doc-and-cu": (qkv, {"document_ids": torch.zeros(1, 8, dtype=torch.long), "cu_seqlens": torch.tensor([0, 8])},
+                   ValueError, r"give document_ids or cu_seqlens, not both"),
 }  # fmt: skip
+# The Triton kernels read document ids, never a dense mask: any mask is refused by name, before its checks.
+TRITON_MASK = (ValueError, r"mask is not supported by the Triton kernels, which take document_ids .*got a mask")
 
 
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_names_the_argument(entry, case):
     make, kwargs, error, match = BAD[case]
+    if entry == "triton" and "mask" in kwargs:
+        error, match = TRITON_MASK
     with pytest.raises(error, match=match):
         ENTRY_POINTS[entry](*make(), **kwargs)
 

@@ -6,7 +6,8 @@ Each variant is compiled as the launcher would specialize it: the default `Trito
 dtype), an int argument equal to 1 (GROUP without GQA) folded into a constant, ints that are multiples of 16
 (lengths 1024..16384) marked so, pointers 16-byte aligned. Every dtype x head_dim 64/128 x causal is compiled
 with GQA at an odd length (the general code path), bf16 also as the benchmark launches it (MHA, length a multiple
-of 16), and a padded head_dim (80) as in test_attention_triton_gpu.py. All compile in one fresh process without
+of 16), and a padded head_dim (80) as in test_attention_triton_gpu.py; packed documents (DOCS: per-position
+document ids and per-block ranges) causal and not, and causal decode steps with 1 and 5 queries over 1000 keys. All compile in one fresh process without
 TRITON_INTERPRET (this session sets it for the interpreter tests), two at a time: a minute or two on 2 cores.
 """
 
@@ -27,9 +28,15 @@ VARIANTS = [  # bf16, the GPU targets' dtype, in both specializations; fp16 and 
     for t, shapes in (("bfloat16", (BENCH, TESTS)), ("float16", (TESTS,)), ("float32", (TESTS,)))
     for d, c, (h, n) in itertools.product((64, 128), (False, True), shapes)
 ] + [dict(dtype="bfloat16", head_dim=80, causal=c, heads=(4, 1), seq=513) for c in (False, True)]  # padded D
+VARIANTS += [  # packed documents (the DOCS code path), and causal decode steps over a cache (n_q < n_k, n_q = 1)
+    dict(dtype=t, head_dim=64, causal=c, heads=h, seq=n, docs=True) for t, c, (h, n) in
+    (("bfloat16", True, BENCH), ("bfloat16", False, TESTS), ("float32", True, TESTS))
+] + [dict(dtype="bfloat16", head_dim=128, causal=True, heads=(8, 2), seq=1000, n_q=n_q) for n_q in (1, 5)]
 
 
-def launches(dtype: str, head_dim: int, causal: bool, heads: tuple[int, int], seq: int) -> dict:
+def launches(
+    dtype: str, head_dim: int, causal: bool, heads: tuple[int, int], seq: int, docs: bool = False, n_q: int = 0
+) -> dict:
     """{kernel name: (kernel, {argument: value}, num_warps, num_stages)}, as `flash_attention_triton` launches
     them on (1, heads, seq, head_dim) inputs. Tensors are triton MockTensors: a dtype and an aligned pointer."""
     import torch
@@ -40,13 +47,13 @@ def launches(dtype: str, head_dim: int, causal: bool, heads: tuple[int, int], se
 
     dtype = getattr(torch, dtype)
     hq, hkv = heads
-    q = torch.empty(1, hq, seq, head_dim, dtype=dtype, device="meta")
+    q = torch.empty(1, hq, n_q or seq, head_dim, dtype=dtype, device="meta")
     k = torch.empty(1, hkv, seq, head_dim, dtype=dtype, device="meta")
     config = TritonConfig.default(head_dim, dtype)
-    args = _launch_args(q, k, causal)
-    t, f32 = MockTensor(dtype), MockTensor(torch.float32)
+    args = _launch_args(q, k, causal, docs)
+    t, f32, i32 = MockTensor(dtype), MockTensor(torch.float32), MockTensor(torch.int32)
     dkv = t if hq == hkv else f32  # per-q-head dK/dV are fp32 under GQA
-    bwd = dict(Q=t, K=t, V=t, DO=t, LSE=f32, DELTA=f32, sm_scale=0.1, qk_scale=0.2, **args)
+    bwd = dict(Q=t, K=t, V=t, DO=t, LSE=f32, DELTA=f32, DOC=i32, RANGES=i32, sm_scale=0.1, qk_scale=0.2, **args)
     fwd_stages, bwd_stages = (config.num_warps, config.num_stages), (config.bwd_num_warps, config.num_stages)
     return {
         "fwd": (kern.flash_fwd_kernel, {**bwd, "Out": t, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n},
@@ -112,7 +119,8 @@ def compile_all() -> dict[str, int]:
 def variant_id(variant: dict) -> str:
     hq, hkv = variant["heads"]
     return (f"{variant['dtype']}-d{variant['head_dim']}-{'causal' if variant['causal'] else 'full'}"
-            f"-h{hq}kv{hkv}-n{variant['seq']}")  # fmt: skip
+            f"-h{hq}kv{hkv}-n{variant['seq']}{'-docs' if variant.get('docs') else ''}"
+            f"{'-nq' + str(variant['n_q']) if variant.get('n_q') else ''}")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +141,9 @@ def test_every_variant_compiles_for_sm90_and_fits_shared_memory(compiled):
     assert not too_big, f"over sm_90's {HOPPER_SHARED_MEMORY} bytes of shared memory: {too_big}"
     kernels_per_variant = {job.split("/")[1] for job in compiled}
     assert kernels_per_variant == {"fwd", "delta", "dkdv", "dq"}
-    dtypes_dims_causal = {(v["dtype"], v["head_dim"], v["causal"]) for v in VARIANTS if v["heads"][0] != v["heads"][1]}
+    dtypes_dims_causal = {
+        (v["dtype"], v["head_dim"], v["causal"]) for v in VARIANTS if v["heads"][0] != v["heads"][1] and len(v) == 5
+    }
     assert len(dtypes_dims_causal) == 3 * 2 * 2 + 2  # every dtype x head_dim 64/128 x causal with GQA, and d80
     print({variant_id(VARIANTS[int(job.split("/")[0])]) + "/" + job.split("/")[1]: n for job, n in compiled.items()})
 

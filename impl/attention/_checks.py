@@ -82,8 +82,14 @@ def check_masks(
         document_ids = cu_seqlens_to_document_ids(cu_seqlens, n_k, q.device).expand(b, n_k)
     elif document_ids is not None:
         check_tensor("document_ids", document_ids, shape=(b, n_k), integer=True, device=q.device)
-        if n_k > 1 and not bool((document_ids[:, 1:] >= document_ids[:, :-1]).all()):
-            raise ValueError("document_ids must be non-decreasing along each row (documents are contiguous runs)")
+        drops = (document_ids[:, 1:] < document_ids[:, :-1]).nonzero()
+        if len(drops):
+            row, pos = drops[0].tolist()
+            raise ValueError(
+                "document_ids must be non-decreasing along each row (documents are contiguous runs), got "
+                f"{document_ids[row, pos].item()} then {document_ids[row, pos + 1].item()} at row {row}, "
+                f"positions {pos} and {pos + 1}"
+            )
     if mask is not None:
         check_tensor("mask", mask, dtype=torch.bool, device=q.device)
         full = (b, q.shape[1], q.shape[2], n_k)

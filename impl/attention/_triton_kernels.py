@@ -134,12 +134,13 @@ def flash_fwd_kernel(
     lo, flo, fhi, hi = _q_block_keys(RANGES, pid_b, pid_m, start_m, n_q, n_k, CAUSAL, DOCS, BLOCK_M)
     full_end = flo + (fhi - flo) // BLOCK_N * BLOCK_N
     args = (q, K + kv_base, V + kv_base, doc, rows, doc_q, n_k - n_q, qk_scale)
-    consts = (CAUSAL, DOCS)
-    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, *args, lo, flo, *consts, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, *args, lo, flo, CAUSAL, DOCS, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
     acc, l_i, m_i = _fwd_steps(
-        acc, l_i, m_i, *args, flo, full_end, *consts, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION
+        acc, l_i, m_i, *args, flo, full_end, CAUSAL, DOCS, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION
     )
-    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, *args, full_end, hi, *consts, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_steps(
+        acc, l_i, m_i, *args, full_end, hi, CAUSAL, DOCS, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION
+    )
 
     _store(Out + q_base, rows, n_q, acc / l_i[:, None], HEAD_DIM, BLOCK_D)  # lines 13 and 15
     tl.store(LSE + row_base + rows, m_i + tl.math.log2(l_i), mask=rows < n_q)  # lines 14 and 16: L = m + log2(l)
@@ -220,10 +221,9 @@ def flash_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     args = (k, v, Q + q_base, DO + q_base, LSE + row_base, DELTA + row_base, doc, cols, doc_k, n_q, n_k - n_q, qk_scale)
-    consts = (CAUSAL, DOCS)
-    dk, dv = _dkdv_steps(dk, dv, *args, lo, flo, *consts, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
-    dk, dv = _dkdv_steps(dk, dv, *args, flo, full_end, *consts, False, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
-    dk, dv = _dkdv_steps(dk, dv, *args, full_end, hi, *consts, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+    dk, dv = _dkdv_steps(dk, dv, *args, lo, flo, CAUSAL, DOCS, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+    dk, dv = _dkdv_steps(dk, dv, *args, flo, full_end, CAUSAL, DOCS, False, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+    dk, dv = _dkdv_steps(dk, dv, *args, full_end, hi, CAUSAL, DOCS, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
 
     dkv_base = tl.program_id(1).to(tl.int64) * n_k * HEAD_DIM  # DK, DV: (batch, q heads, n_k, HEAD_DIM)
     _store(DK + dkv_base, cols, n_k, dk * sm_scale, HEAD_DIM, BLOCK_D)  # line 18
@@ -280,8 +280,7 @@ def flash_bwd_dq_kernel(
     lo, flo, fhi, hi = _q_block_keys(RANGES, pid_b, pid_m, start_m, n_q, n_k, CAUSAL, DOCS, BLOCK_M)
     full_end = flo + (fhi - flo) // BLOCK_N * BLOCK_N
     args = (q, do, lse, delta, K + kv_base, V + kv_base, doc, rows, doc_q, n_k - n_q, qk_scale)
-    consts = (CAUSAL, DOCS)
-    dq = _dq_steps(dq, *args, lo, flo, *consts, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-    dq = _dq_steps(dq, *args, flo, full_end, *consts, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-    dq = _dq_steps(dq, *args, full_end, hi, *consts, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    dq = _dq_steps(dq, *args, lo, flo, CAUSAL, DOCS, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    dq = _dq_steps(dq, *args, flo, full_end, CAUSAL, DOCS, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    dq = _dq_steps(dq, *args, full_end, hi, CAUSAL, DOCS, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
     _store(DQ + q_base, rows, n_q, dq * sm_scale, HEAD_DIM, BLOCK_D)
