@@ -154,6 +154,8 @@ def _tp_stages_run(group) -> dict:
     out = {"hidden": (parallel[0](idx).detach(), hidden.detach())}
     out["logits"] = (full_logits(parallel[1], parallel[1](hidden)).detach(), stages[1](hidden).detach())
     out["absent"] = (parallel[0].lm_head, parallel[1].transformer["wte"])
+    split_after = split_gpt(tensor_parallelize(_gpt(), group), 2)  # TP first, then cut: the same stages
+    out["split_after"] = (split_after[0](idx).detach(), full_logits(split_after[1], split_after[1](hidden)).detach())
     return out
 
 
@@ -220,12 +222,15 @@ def test_tp_with_checkpointing_keeps_fewer_bytes_and_replays_the_blocks(world2):
 
 
 def test_tp_on_pipeline_stages_matches_the_unsplit_stages(world2):
-    """TP x PP: tensor_parallelize skips the parts a stage does not hold and splits the last stage's own head."""
+    """TP x PP: tensor_parallelize skips the parts a stage does not hold and splits the last stage's own head;
+    cutting a TP'd GPT into stages gives the same stages."""
     for rank_result in world2:
         stages = rank_result["stages"]
         assert stages["absent"] == (None, None)
         for name in ("hidden", "logits"):
             _assert_close(*stages[name], name)
+        _assert_close(stages["split_after"][0], stages["hidden"][1])
+        _assert_close(stages["split_after"][1], stages["logits"][1])
     with pytest.raises(AssertionError):  # negative control: a 1% change in the hidden states is caught
         _assert_close(stages["hidden"][0], stages["hidden"][1] * 1.01)
 

@@ -205,6 +205,9 @@ class GPTStage(GPT):
         dropped += [] if first else [tr["wte"], tr["wpe"]]
         dropped += [] if last else [tr["ln_f"]]
         memo = {id(m): None for m in dropped if m is not None}  # deepcopy gives None for these, copies the rest
+        groups = (getattr(m, "group", None) for m in gpt.modules())  # a TP'd GPT's layers share, never copy
+        memo.update({id(g): g for g in groups if isinstance(g, dist.ProcessGroup)})
+        self.tp_group = getattr(gpt, "tp_group", None)
         self.transformer = copy.deepcopy(tr, memo)
         self.transformer["h"] = nn.ModuleDict({str(i): self.transformer.h[i] for i in blocks})
         # With the same memo, a head tied to a copied wte stays tied to the copy; else it is copied on its own.
