@@ -103,7 +103,8 @@ def test_chunked_prefill_is_bottom_right_causal(backend, monkeypatch):
 def test_greedy_generate_token_identical_to_hf(hf, backend, padded):
     ours = Llama.from_hf(hf, attention_backend=backend)
     ids, mask = batch(padded)
-    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    hf_mask = torch.ones_like(ids) if mask is None else mask  # else transformers reads token 0 as padding
+    expected = hf.generate(ids, attention_mask=hf_mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     got = generate(ours, ids, max_new_tokens=NEW_TOKENS, attention_mask=mask)
     assert torch.equal(got, expected)
     assert len(set(expected[0, 12:].tolist())) > 3, "the continuation is degenerate; the test would prove little"

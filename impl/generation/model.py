@@ -17,7 +17,8 @@ gate_proj, up_proj), so LoRA targets them one by one, exactly as peft does on tr
 Attention goes through `impl.attention.attention` with the backend `config.attention_backend` (sdpa by default,
 the fastest on every device; naive, torch and triton for study). Each call passes only the filled cache slots
 [0, start + T): a prefill is causal (bottom-right aligned, so the T queries are the last T of the keys), a decode
-step (T == 1) sees every filled slot and needs no causal mask at all; left padding is a boolean key mask.
+step (T == 1) sees every filled slot and needs no causal mask at all; left padding is a boolean key mask, or
+for the Triton kernels, which read no dense mask, two documents per row (padding, then the tokens).
 """
 
 from dataclasses import dataclass
@@ -112,7 +113,7 @@ class Attention(nn.Module):
             self.v_proj = nn.Linear(width, kv_out, bias=False)
         self.o_proj = nn.Linear(q_out, width, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, masks: dict, cache: KVCache | None, start: int) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV = self.n_heads, self.n_kv_heads
         qkv = self.qkv_proj(x) if self.fused else torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)
@@ -123,13 +124,13 @@ class Attention(nn.Module):
         v = qkv[:, :, H + KV :].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # the filled slots only: (B, KV, start + T, head_dim)
-        if T == 1:
+        if T == 1 and "document_ids" not in masks:
             # Decode: the one query is the newest slot and sees every filled one, so no causal mask. A group's
             # query heads become that group's queries, so each K/V head is read once instead of being repeated
-            # for every query head: q is (B, KV, H // KV, head_dim).
-            y = attention(q.reshape(B, KV, H // KV, self.head_dim), k, v, mask=mask, backend=self.backend)
-        else:
-            y = attention(q, k, v, causal=True, mask=mask, backend=self.backend)  # bottom-right: queries are last
+            # for every query head: q is (B, KV, H // KV, head_dim). (Document ids belong to positions, not heads.)
+            y = attention(q.reshape(B, KV, H // KV, self.head_dim), k, v, backend=self.backend, **masks)
+        else:  # causal is bottom-right aligned: the T queries are the last T of the start + T keys
+            y = attention(q, k, v, causal=T > 1, backend=self.backend, **masks)
         y = y.reshape(B, H, T, self.head_dim).transpose(1, 2).reshape(B, T, H * self.head_dim)
         return self.o_proj(y)
 
@@ -161,8 +162,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache, start):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
+    def forward(self, x, cos, sin, masks, cache, start):
+        x = x + self.attn(self.attn_norm(x), cos, sin, masks, cache, start)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -287,22 +288,33 @@ class Llama(nn.Module):
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask = _attention_mask(key_mask, start, T, input_ids.device)
+        masks = _attention_masks(key_mask, start, T, self.config.attention_backend, input_ids.device)
         for block in self.layers:
-            x = block(x, cos, sin, mask, cache, start)
+            x = block(x, cos, sin, masks, cache, start)
         x = self.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x)
 
 
-def _attention_mask(key_mask: torch.Tensor | None, start: int, T: int, device) -> torch.Tensor | None:
-    """Boolean (B, 1, T, start + T) key mask, or None without padding: query slot start + i sees key slot j if
-    j holds a token; the causal part (j <= start + i) is the attention front's `causal` flag.
+def _attention_masks(key_mask: torch.Tensor | None, start: int, T: int, backend: str, device) -> dict:
+    """The padding mask as `attention` keywords: {} without padding, else {"mask": (B, 1, T, start + T)}, True
+    where key slot j holds a token, the causal part (j <= start + i) being the front's `causal` flag.
 
     A query slot always sees itself, so a padding slot's row is never empty (its output is unused, but a fully
     masked row would be NaN, and that NaN would reach the real rows through the padding slot's keys and values).
+    The Triton kernels read no dense mask (nor does "auto", which is Triton on CUDA): left padding is then two
+    documents per row, padding (0) then tokens (1), which says the same, a padding slot seeing padding only.
     """
     if key_mask is None:
-        return None
+        return {}
+    key_mask = key_mask.bool()
+    if backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda"):
+        if not bool((key_mask[:, 1:] >= key_mask[:, :-1]).all()):
+            raise ValueError(
+                f"key_mask must be left padding (False, then True, along each row) for attention_backend="
+                f"{backend!r}, whose Triton kernels read padding as document ids; use 'torch', 'sdpa' or 'naive' "
+                "for any other mask"
+            )
+        return {"document_ids": key_mask.long()}
     keys = torch.arange(start + T, device=device)
     queries = torch.arange(start, start + T, device=device)[:, None]
-    return (key_mask.bool()[:, None, :] | (keys == queries))[:, None]  # (B, 1, T, start + T)
+    return {"mask": (key_mask[:, None, :] | (keys == queries))[:, None]}  # (B, 1, T, start + T)
