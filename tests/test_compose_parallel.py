@@ -138,7 +138,13 @@ def _dp_tp_run(rank: int, world_size: int) -> dict:
         zero.step()
         zero.zero_grad()
     state = zero.state_dict()["model"]  # collective over dp: this rank's TP slices, whole
+    members = {}
+    for kind, group in (("tp", groups.tp_group), ("dp", groups.dp_group)):
+        gathered = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, torch.tensor([rank]), group=group)
+        members[kind] = [int(t) for t in gathered]
     return {
+        "groups": (members, (groups.dp_rank, groups.tp_rank, groups.dp, groups.tp)),
         "model": state,
         "reference": shard_state_dict(gpt, _reference_training()),
         "reference_perturbed": shard_state_dict(gpt, _reference_training(perturb=True)),
@@ -261,6 +267,15 @@ def test_zero3_holds_a_world_share_of_the_parameter_bytes(world2):
 
 
 # ---- data x tensor parallelism ----
+
+
+def test_tp_groups_cut_the_world_into_a_dp_by_tp_grid(world4):
+    """tp_groups(2) on 4 ranks: TP groups of consecutive ranks, DP groups of the ranks with the same TP index."""
+    for rank, rank_result in enumerate(world4):
+        start = rank - rank % 2
+        members, coords = rank_result["groups"]
+        assert members == {"tp": [start, start + 1], "dp": [rank % 2, rank % 2 + 2]}
+        assert coords == (rank // 2, rank % 2, 2, 2)
 
 
 def test_zero3_over_dp_wraps_the_tp_gpt(world4):

@@ -237,19 +237,6 @@ def _bad_input_run(group) -> dict:
     return out
 
 
-def _groups_run(world_size: int) -> dict:
-    """tp_groups(2): the members of this rank's TP and DP groups, and a sum over each."""
-    groups = tp_groups(2)
-    rank = dist.get_rank()
-    members = {}
-    for kind, group in (("tp", groups.tp_group), ("dp", groups.dp_group)):
-        ranks = torch.tensor([rank])
-        gathered = [torch.zeros_like(ranks) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(gathered, ranks, group=group)
-        members[kind] = [int(t) for t in gathered]
-    return {"members": members, "coords": (groups.dp_rank, groups.tp_rank, groups.dp, groups.tp)}
-
-
 def _run_all(rank: int, world_size: int) -> dict:
     group = dist.group.WORLD
     return {
@@ -257,7 +244,6 @@ def _run_all(rank: int, world_size: int) -> dict:
         "all_reduces": _count_all_reduces(group),
         "torch": _torch_tp_run(group, world_size),
         "bad_input": _bad_input_run(group),
-        "groups": _groups_run(world_size),
     }
 
 
@@ -409,16 +395,6 @@ def test_indivisible_sizes_are_rejected(runs, world_size):
     )
     assert errors["not_parallel"] == "ValueError: gpt must be a GPT returned by tensor_parallelize, got GPT"
     assert errors["tp_groups"] == f"ValueError: tp must divide the world size {n}, got {n + 1}"
-
-
-@pytest.mark.parametrize("world_size", WORLD_SIZES, ids=lambda n: f"tp{n}")
-def test_tp_groups_cut_the_world_into_a_dp_by_tp_grid(runs, world_size):
-    """tp_groups(2): TP groups of consecutive ranks, DP groups of the ranks with the same TP index."""
-    for rank, result in enumerate(runs[world_size]):
-        groups = result["groups"]
-        start = rank - rank % 2
-        assert groups["members"] == {"tp": [start, start + 1], "dp": list(range(rank % 2, world_size, 2))}
-        assert groups["coords"] == (rank // 2, rank % 2, world_size // 2, 2)
 
 
 def test_layers_need_a_process_group():
