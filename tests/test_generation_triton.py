@@ -20,8 +20,9 @@ import transformers
 from impl.common import tolerance
 from impl.generation import Llama, generate
 
-# The interpreter evaluates exp2/log2 of the -inf a masked tile holds, in numpy, which warns; the kernel masks it.
-pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")]
+# The interpreter computes in numpy every lane of a tile, also those the kernel masks out (log2(0), 0/0 there),
+# and numpy warns about them; the outputs are compared below.
+pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")]
 
 VOCAB, NEW_TOKENS = 97, 8
 TOL = tolerance(torch.float32)
