@@ -7,8 +7,8 @@ computation done without it, on the same weights and batches.
 - ZeRO-3 (ours) on the GPT: a few AdamW steps over 2 ranks (half the batch each) equal single-process AdamW on
   the whole batches, with each rank holding 1/world of the parameter bytes.
 - TP on pipeline stages: a stage cut from the GPT, tensor-parallelized, gives the unsplit stage's output.
-- Data x tensor parallelism: 4 ranks as 2 (dp) x 2 (tp) groups from `tp_groups`; ZeRO-3 over the dp group wraps
-  the TP'd GPT; its steps equal single-process AdamW (each rank's state is its TP slice of the reference).
+- Data x tensor parallelism: 4 ranks as 2 (dp) x 2 (tp) groups from `tp_groups`; ZeRO-3 or DDP over the dp group
+  wraps the TP'd GPT; its steps equal single-process AdamW (each rank's state is its TP slice of the reference).
 
 The ranks run under the project's launcher (`spawn`, gloo), so a dead or hung rank fails the run fast.
 """
@@ -143,8 +143,17 @@ def _dp_tp_run(rank: int, world_size: int) -> dict:
         gathered = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, torch.tensor([rank]), group=group)
         members[kind] = [int(t) for t in gathered]
+    ddp_gpt = tensor_parallelize(_gpt(), groups.tp_group)  # the same with torch's DDP over the dp group
+    ddp = torch.nn.parallel.DistributedDataParallel(ddp_gpt, process_group=groups.dp_group)
+    optimizer = torch.optim.AdamW(ddp_gpt.parameters(), **OPT)
+    for step in range(STEPS):
+        _, loss = ddp(*_rows(_batch(step), groups.dp_rank, groups.dp))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
     return {
         "groups": (members, (groups.dp_rank, groups.tp_rank, groups.dp, groups.tp)),
+        "ddp": {name: p.detach().clone() for name, p in ddp_gpt.named_parameters()},
         "model": state,
         "reference": shard_state_dict(gpt, _reference_training()),
         "reference_perturbed": shard_state_dict(gpt, _reference_training(perturb=True)),
@@ -278,13 +287,16 @@ def test_tp_groups_cut_the_world_into_a_dp_by_tp_grid(world4):
         assert coords == (rank // 2, rank % 2, 2, 2)
 
 
-def test_zero3_over_dp_wraps_the_tp_gpt(world4):
-    """dp 2 x tp 2: ZeRO-3 over the data-parallel group of a TP'd GPT trains like one process (each rank holds
-    its TP slices of the trained reference); the replicated LayerNorms stay equal across TP ranks because their
-    gradients are."""
+def test_zero3_and_ddp_over_dp_wrap_the_tp_gpt(world4):
+    """dp 2 x tp 2: ZeRO-3 (ours) or torch's DDP over the data-parallel group of a TP'd GPT trains like one
+    process (each rank holds its TP slices of the trained reference); the replicated LayerNorms stay equal
+    across TP ranks because their gradients are."""
     for rank_result in world4:
         _assert_all_close(rank_result["model"], rank_result["reference"])
+        _assert_all_close(rank_result["ddp"], rank_result["reference"])
     with pytest.raises(AssertionError):
         _assert_all_close(rank_result["model"], rank_result["reference_perturbed"])
+    with pytest.raises(AssertionError):
+        _assert_all_close(rank_result["ddp"], rank_result["reference_perturbed"])
     for a, b in ((0, 1), (2, 3)):  # the two TP ranks of each group
         _assert_close(world4[a]["model"]["transformer.ln_f.weight"], world4[b]["model"]["transformer.ln_f.weight"])
