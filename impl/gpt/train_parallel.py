@@ -70,7 +70,9 @@ def _at_step(scheduler, step: int, cfg: TrainConfig) -> None:
     scheduler.load_state_dict(state)
 
 
-class _Run:
+class RankRun:
+    """One rank's part of the run: its engine, its slice of each global batch, saving and resuming."""
+
     def __init__(self, cfg: TrainConfig, layout: Layout, engine: Engine, splits: dict, vocab_size: int, config: dict):
         self.cfg, self.layout, self.engine, self.splits = cfg, layout, engine, splits
         self.vocab_size, self.config = vocab_size, config
@@ -159,29 +161,36 @@ class _Run:
         return checkpoint
 
 
+def build_run(cfg: TrainConfig, layout: Layout, device: torch.device, splits: dict, vocab_size: int,
+              config: dict | None = None) -> RankRun:  # fmt: skip
+    """Collective: join the world and the TP/DP groups, build the seeded GPT (every rank the same) and its engine."""
+    tp_group, dp_group = init_groups(layout, device, TIMEOUT_S)
+    seed_everything(cfg.seed)
+    model = GPT(cfg.model_config(vocab_size)).to(device)
+    config = {"model": asdict(model.config)} if config is None else config
+    engine = Engine(model, cfg, layout, dp_group, tp_group, device, make_optimizer)
+    return RankRun(cfg, layout, engine, splits, vocab_size, config)
+
+
 def train_parallel(cfg: TrainConfig, out_dir, data_path, layout: Layout, progress: bool = True) -> dict | None:
     """`impl.gpt.train.train` on the ranks of `layout`; the summary on rank 0, None on the others."""
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", layout.local_rank)
     joined = dist.is_initialized()  # by a launcher in this process, which also ends the group
-    tp_group, dp_group = init_groups(layout, device, TIMEOUT_S)
     try:
-        return _train(cfg, Path(out_dir), data_path, layout, device, dp_group, tp_group, progress)
+        return _train(cfg, Path(out_dir), data_path, layout, device, progress)
     finally:
-        if not joined:
+        if not joined and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg, out_dir, data_path, layout, device, dp_group, tp_group, progress) -> dict | None:
+def _train(cfg, out_dir, data_path, layout, device, progress) -> dict | None:
     from tqdm.auto import tqdm
 
-    seed_everything(cfg.seed)
     tok, splits = _prepare_data(load_shakespeare(data_path), cfg)
-    model = GPT(cfg.model_config(tok.vocab_size)).to(device)
-    config = {"model": asdict(model.config), "chars": tok.chars}  # as the single process: checkpoints interchange
-    engine = Engine(model, cfg, layout, dp_group, tp_group, device, make_optimizer)
-    run = _Run(cfg, layout, engine, splits, tok.vocab_size, config)
+    config = {"model": asdict(cfg.model_config(tok.vocab_size)), "chars": tok.chars}  # as one process writes it
+    run = build_run(cfg, layout, device, splits, tok.vocab_size, config)
     ckpt = out_dir / "ckpt"
     resumed = run.resume(ckpt)
     step = session_start = resumed.step if resumed else 0
