@@ -6,9 +6,10 @@ Each variant is compiled as the launcher would specialize it: the default `Trito
 dtype), an int argument equal to 1 (GROUP without GQA) folded into a constant, ints that are multiples of 16
 (lengths 1024..16384) marked so, pointers 16-byte aligned. Every dtype x head_dim 64/128 x causal is compiled
 with GQA at an odd length (the general code path), bf16 also as the benchmark launches it (MHA, length a multiple
-of 16), and a padded head_dim (80) as in test_attention_triton_gpu.py; packed documents (DOCS: per-position
-document ids and per-block ranges) causal and not, and causal decode steps with 1 and 5 queries over 1000 keys. All compile in one fresh process without
-TRITON_INTERPRET (this session sets it for the interpreter tests), two at a time: a minute or two on 2 cores.
+of 16), a padded head_dim (80) as in test_attention_triton_gpu.py, packed documents (DOCS: per-position
+document ids and per-block ranges) causal and not, and a causal decode step (1 query, folded, over 1000 keys).
+All compile in one fresh process without TRITON_INTERPRET (this session sets it for the interpreter tests), two
+at a time: a few minutes on 2 cores.
 """
 
 import importlib.util
@@ -29,9 +30,9 @@ VARIANTS = [  # bf16, the GPU targets' dtype, in both specializations; fp16 and 
     for d, c, (h, n) in itertools.product((64, 128), (False, True), shapes)
 ] + [dict(dtype="bfloat16", head_dim=80, causal=c, heads=(4, 1), seq=513) for c in (False, True)]  # padded D
 VARIANTS += [  # packed documents (the DOCS code path), and causal decode steps over a cache (n_q < n_k, n_q = 1)
-    dict(dtype=t, head_dim=64, causal=c, heads=h, seq=n, docs=True) for t, c, (h, n) in
-    (("bfloat16", True, BENCH), ("bfloat16", False, TESTS), ("float32", True, TESTS))
-] + [dict(dtype="bfloat16", head_dim=128, causal=True, heads=(8, 2), seq=1000, n_q=n_q) for n_q in (1, 5)]
+    dict(dtype=t, head_dim=64, causal=c, heads=h, seq=n, docs=True)
+    for t, c, (h, n) in (("bfloat16", True, BENCH), ("float32", False, TESTS))
+] + [dict(dtype="bfloat16", head_dim=128, causal=True, heads=(8, 2), seq=1000, n_q=1)]
 
 
 def launches(
@@ -129,12 +130,13 @@ def compiled() -> dict[str, int]:
         pytest.skip("this triton build has no NVIDIA backend to compile with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset; 1 is its current default
-    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=840)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # ~25 compiles on 2 cores that other jobs may share
 @pytest.mark.triton
 def test_every_variant_compiles_for_sm90_and_fits_shared_memory(compiled):
     too_big = {job: nbytes for job, nbytes in compiled.items() if not 0 <= nbytes <= HOPPER_SHARED_MEMORY}

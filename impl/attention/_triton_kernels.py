@@ -142,6 +142,7 @@ def flash_fwd_kernel(
         acc, l_i, m_i, *args, full_end, hi, CAUSAL, DOCS, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION
     )
 
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past n_q may see no key (l = 0): keep them finite, never stored
     _store(Out + q_base, rows, n_q, acc / l_i[:, None], HEAD_DIM, BLOCK_D)  # lines 13 and 15
     tl.store(LSE + row_base + rows, m_i + tl.math.log2(l_i), mask=rows < n_q)  # lines 14 and 16: L = m + log2(l)
 
