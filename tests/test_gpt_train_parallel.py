@@ -22,6 +22,7 @@ import torch
 
 from impl.common.tolerance import tolerance
 from impl.distributed import spawn
+from impl.distributed.launch import SpawnError
 from impl.gpt.parallel import plan_layout
 from impl.gpt.train import main as train_main
 
@@ -46,13 +47,22 @@ TOL = tolerance(torch.float32)
 TIMEOUT_S = 120
 
 
-def _rank(rank: int, world_size: int, argv: list[str], wrong_slices: bool = False) -> int:
+def _rank(rank: int, world_size: int, argv: list[str], wrong_slices: bool = False, crash_at: int = 0) -> int:
     """One rank of a spawned run: the CLI's own main. `wrong_slices`: every rank takes the first slice of the
-    global batch instead of its own (the negative control)."""
-    if wrong_slices:
-        from impl.gpt import train_parallel
+    global batch instead of its own (the negative control). `crash_at`: the last rank dies in that step."""
+    from impl.gpt import train_parallel
 
+    if wrong_slices:
         train_parallel.RankRun.slice = lambda run, batch: tuple(t[: run.per_rank] for t in batch)
+    if crash_at and rank == world_size - 1:
+        step = train_parallel.RankRun.step
+
+        def dying(run, index):
+            if index + 1 == crash_at:
+                os._exit(9)  # no cleanup, as a kill
+            return step(run, index)
+
+        train_parallel.RankRun.step = dying
     return train_main(argv)
 
 
@@ -193,6 +203,19 @@ def test_checkpoints_resume_across_world_sizes_and_modes(corpus, reference, tmp_
     assert train_main(_args(one, corpus, "--max-iters=3")) == 0
     spawn(_rank, 2, _args(one, corpus, "--max-iters=6", "--parallel=zero2"), timeout_s=TIMEOUT_S)
     _same_run(one, reference)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_rank_dying_mid_run_loses_nothing_checkpointed(corpus, reference, tmp_path):
+    """Rank 1 of a ZeRO-2 run dies in step 5: the step-3 checkpoint is whole, and the rerun continues the curve."""
+    argv = _args(tmp_path, corpus, "--max-iters=6", "--parallel=zero2")
+    with pytest.raises(SpawnError, match="rank 1"):
+        spawn(_rank, 2, argv, False, 5, timeout_s=20)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000003"]
+    spawn(_rank, 2, argv, timeout_s=TIMEOUT_S)
+    assert json.loads((tmp_path / "log.json").read_text())["resumed_from"] == 3
+    _same_run(tmp_path, reference)
 
 
 # ---- bad input: one error line, exit 2, before any work ----------------------------------------------------
