@@ -218,6 +218,41 @@ def test_a_rank_dying_mid_run_loses_nothing_checkpointed(corpus, reference, tmp_
     _same_run(tmp_path, reference)
 
 
+def _clip_rank(rank: int, world_size: int) -> dict:
+    """Clip pieces of two gradients held as the engines hold them; the reference clips the whole ones."""
+    import torch.distributed as dist
+
+    from impl.gpt.parallel_tp import clip_grads_
+
+    torch.manual_seed(0)
+    full = [torch.randn(8, 6), torch.randn(7)]  # a split matrix and a replicated vector (a bias, a LayerNorm)
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in full]
+    for p, g in zip(params, full):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(params, 0.5)
+    reference = [p.grad for p in params]
+    out = {}
+    for name, dp, tp in (("tp", None, dist.group.WORLD), ("dp", dist.group.WORLD, None), ("wrong", None, None)):
+        pieces = [full[0].chunk(world_size)[rank].clone(), full[1].clone()]
+        if name == "dp":  # ZeRO and FSDP shard every gradient: the replicated vector too
+            pieces[1] = full[1].tensor_split(world_size)[rank].clone()
+        clip_grads_([(pieces[0], True), (pieces[1], False)], 0.5, dp, tp)
+        expected = [reference[0].chunk(world_size)[rank], reference[1]]
+        if name == "dp":
+            expected[1] = reference[1].tensor_split(world_size)[rank]
+        out[name] = max((a - b).abs().max().item() for a, b in zip(pieces, expected))
+    return out
+
+
+@pytest.mark.distributed
+def test_clipping_pieces_is_clipping_the_whole_gradient():
+    """The global norm from TP slices (summed over the TP group, replicated parts once) and from data-parallel
+    shards (summed over the DP group) is torch's clip_grad_norm_ of the whole gradient; a norm left local is not."""
+    for result in spawn(_clip_rank, 2, timeout_s=TIMEOUT_S):
+        assert result["tp"] < 1e-6 and result["dp"] < 1e-6, result
+        assert result["wrong"] > 1e-3, result  # the negative control: the local norm clips by another factor
+
+
 # ---- bad input: one error line, exit 2, before any work ----------------------------------------------------
 
 
