@@ -17,6 +17,17 @@ Conventions, the same in every row:
   1024 under small (compile time on a small CPU box), up to 2048 under full (the GPU run has a time budget).
 Recorded target: on CPU, the tiled forward+backward peak at N=4096 at most 1/8 of naive's (the GPU targets,
 Triton forward >= 0.8x and backward >= 0.6x of SDPA-flash, read off the table's speed-up vs sdpa column).
+
+Packed attention (groups attention-packed-forward, attention-packed-forward-backward): one row of fixed total
+length N (smoke 256, small 1024, full 8192) holding D documents of equal length N / D, causal within each; the
+swept parameter is the live fraction, the share of the N x N causal triangle (N (N + 1) / 2 pairs) that the
+document mask leaves, D (N/D) (N/D + 1) / 2 pairs: 1, ~1/2, ~1/4, ... Variants on the same inputs: ours tiled
+(PyTorch) and ours Triton (CUDA only: on CPU the interpreter is no timing, the row is recorded as skipped) with
+`document_ids`, both skipping the tiles the mask empties; SDPA with the dense (B, 1, N, N) boolean mask, built
+outside the timed call (the reference and the baseline); FlexAttention with a document block mask, compiled
+(its backward is CUDA-only: skipped on CPU). flops count the live pairs only (4 * B * H * live * head_dim per
+forward, 2.5x that for the backward), so TFLOP/s is useful work; a kernel that skips empty tiles keeps it flat
+as the live fraction falls while the dense-mask reference's time stays that of the whole square.
 """
 
 import contextlib
@@ -29,7 +40,10 @@ from impl.attention import flash_attention_torch, flash_attention_triton, naive_
 from impl.common import MemoryMeter, resolve_device, resolve_size
 from impl.common.roofline import attention_flops
 
-SWEEPS = {"head_dim": {"smoke": [64], "small": [64], "full": [64, 128]}}
+SWEEPS = {
+    "head_dim": {"smoke": [64], "small": [64], "full": [64, 128]},
+    "documents": {"smoke": [1, 4], "small": [1, 2, 4, 8, 16], "full": [1, 2, 4, 8, 16, 32, 64]},
+}
 SEQ_LENS = {"smoke": [64, 128], "small": [256, 512, 1024, 2048, 4096], "full": [1024, 2048, 4096, 8192, 16384]}
 COMPILED_MAX_SEQ_LEN = {"smoke": 64, "small": 1024, "full": 2048}  # compile time bounds the compiled sweep
 CPU_BATCH, CPU_HEADS = 1, 2
@@ -200,3 +214,100 @@ def test_forward_backward(bench, device, provider, seq_len, head_dim):
         ratio = info["peak_bytes"] / _fwd_bwd_peak(naive_attention, q, k, v, grad_out)
         info["metrics"]["peak / naive peak"] = ratio
         info["metrics"][f"CPU target <= {CPU_TARGET_RATIO:g}"] = "met" if ratio <= CPU_TARGET_RATIO else "missed"
+
+
+# ---- packed (document-masked) attention ----------------------------------------------------------------------
+PACKED_LEN = {"smoke": 256, "small": 1024, "full": 8192}
+PACKED_HEAD_DIM = 64
+PACKED_PROVIDERS = ("flash_torch", "flash_triton", "sdpa (dense mask)", "flex_attention")
+
+
+def _packed_inputs(device, size, documents, requires_grad):
+    """q, k, v, dout (batch, heads, N, 64), the (B, N) document ids and the (B, 1, N, N) dense causal mask."""
+    n = PACKED_LEN[size]
+    batch, heads = _batch_heads(device, n, PACKED_HEAD_DIM)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shape = (batch, heads, n, PACKED_HEAD_DIM)
+    q, k, v = (_randn(shape, device, dtype, seed, requires_grad) for seed in range(3))
+    ids = (torch.arange(n, device=device) // (n // documents)).expand(batch, n).contiguous()
+    dense = (ids[:, :, None] == ids[:, None, :]) & torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return q, k, v, _randn(shape, device, dtype, 3), ids, dense[:, None]
+
+
+def _flex(q, k, v, ids):
+    """FlexAttention with the same documents as a block mask (built here, outside the timed call)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (ids[b, q_idx] == ids[b, kv_idx]) & (kv_idx <= q_idx)
+
+    block_mask = create_block_mask(mask_mod, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
+    return lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask)
+
+
+def _packed_attn(provider, q, k, v, ids, dense):
+    if provider == "flash_torch":  # smaller tiles than the dense group's: the skipping works at tile granularity
+        block = 256 if q.is_cuda else 128
+        return lambda q, k, v: flash_attention_torch(q, k, v, causal=True, document_ids=ids, block_q=block,
+                                                     block_k=block)  # fmt: skip
+    if provider == "flash_triton":
+        return lambda q, k, v: flash_attention_triton(q, k, v, causal=True, document_ids=ids)
+    if provider == "flex_attention":
+        return _flex(q, k, v, ids)
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+
+
+def _packed_row(bench, provider, q, documents, pass_, fn, expected, reason=None):
+    batch, heads, n, head_dim = q.shape
+    length = n // documents
+    live = documents * length * (length + 1) // 2  # query-key pairs the mask leaves, per (batch, head)
+    fraction = live / (n * (n + 1) / 2)
+    row = dict(variant=provider, params={"live_fraction": round(fraction, 4), "documents": documents, "seq_len": n,
+               "head_dim": head_dim, "heads": heads, "batch": batch}, sweep="live_fraction", dtype=q.dtype,
+               baseline=provider == "sdpa (dense mask)", reference=provider == "sdpa (dense mask)")  # fmt: skip
+    if reason:
+        bench.skip(reason, **row)
+    # attention_flops over a 1 x live "matrix": 4 * B * H * live * head_dim (x2.5 backward), the live pairs only
+    flops = attention_flops(batch, heads, 1, live, head_dim, pass_=pass_)
+    return bench(fn, **row, flops=flops, bytes=(4 if pass_ == "forward" else 8) * q.numel() * q.element_size(),
+                 expected=expected, flush_l2=True, compile=provider == "flex_attention")  # fmt: skip
+
+
+def _packed_skip_reason(provider, device, backward):
+    if provider == "flash_triton" and device.type != "cuda":
+        return "the Triton kernels run on CPU only through the interpreter, which is no timing"
+    if provider == "flex_attention" and backward and device.type != "cuda":
+        return "FlexAttention has no backward on CPU"
+    return None
+
+
+@pytest.mark.parametrize("packed_provider", PACKED_PROVIDERS)
+@pytest.mark.benchmark(group="attention-packed-forward")
+def test_packed_forward(bench, device, size, packed_provider, documents):
+    q, k, v, _, ids, dense = _packed_inputs(device, size, documents, requires_grad=False)
+    reason = _packed_skip_reason(packed_provider, device, backward=False)
+    attn = None if reason else _packed_attn(packed_provider, q, k, v, ids, dense)
+    with torch.no_grad():
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+
+    def fn():
+        with torch.no_grad():
+            return attn(q, k, v)
+
+    _packed_row(bench, packed_provider, q, documents, "forward", fn, expected, reason)
+
+
+@pytest.mark.parametrize("packed_provider", PACKED_PROVIDERS)
+@pytest.mark.benchmark(group="attention-packed-forward-backward")
+def test_packed_forward_backward(bench, device, size, packed_provider, documents):
+    q, k, v, grad_out, ids, dense = _packed_inputs(device, size, documents, requires_grad=True)
+    reason = _packed_skip_reason(packed_provider, device, backward=True)
+    attn = None if reason else _packed_attn(packed_provider, q, k, v, ids, dense)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    expected = (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))
+
+    def fn():
+        out = attn(q, k, v)
+        return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))
+
+    _packed_row(bench, packed_provider, q, documents, "forward+backward", fn, expected, reason)
