@@ -4,8 +4,9 @@
 have fewer heads than q (grouped-query attention) and, with causal=True, more positions than q (a decode step
 over a KV cache: the causal mask is bottom-right aligned). Documents packed into one row are kept apart by
 `document_ids` (B, Nk) or `cu_seqlens`, an arbitrary boolean `mask` goes to the backends that read one (naive,
-torch, sdpa); `_checks.py` defines them. `backend="auto"` picks Triton on CUDA and the tiled PyTorch version
-elsewhere.
+torch, sdpa; Triton refuses it by name); `_checks.py` defines them. The tiled and Triton backends visit only the
+tiles the causal and document masks leave live, so packed attention costs the live area, not the N x N square.
+`backend="auto"` picks Triton on CUDA (SDPA when a dense `mask` is given) and the tiled PyTorch version elsewhere.
 """
 
 import torch
@@ -48,7 +49,7 @@ def attention(
     scale = check_qkv(q, k, v, causal, scale)
     document_ids, mask = check_masks(q, k, document_ids, cu_seqlens, mask)
     if backend == "auto":
-        backend = "triton" if q.is_cuda else "torch"
+        backend = ("sdpa" if mask is not None else "triton") if q.is_cuda else "torch"
     masks = {name: m for name, m in (("document_ids", document_ids), ("mask", mask)) if m is not None}
     if backend == "naive":
         return naive_attention(q, k, v, causal=causal, scale=scale, **masks)
