@@ -2,27 +2,37 @@
 and greedy generation equal transformers, plain and left-padded. The kernels read no dense mask, so left padding
 reaches them as document ids (padding, then tokens); a key mask that is not left padding is refused by name.
 
-TRITON_INTERPRET must be set before the kernels are defined (as in test_attention_triton.py); with CUDA present
-the compiled kernels would run instead, and these CPU tests skip.
+TRITON_INTERPRET must be set before triton itself is first imported (its own jit helpers are defined then), as
+test_attention_triton.py does at collection. When this file is collected after a module that imported triton
+(transformers does) and nothing set it earlier, the cases cannot run in this process: they are skipped here and
+`test_cases_in_a_fresh_process` runs them in a new one. With CUDA present the compiled kernels would run instead,
+and these CPU tests skip.
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 if torch.cuda.is_available():
     pytest.skip("CUDA present: this file runs the Triton kernels through the CPU interpreter", allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"
+if "triton" not in sys.modules:  # else its jit helpers exist already, compiled for a GPU: too late here
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import transformers
 
 from impl.common import tolerance
 from impl.generation import Llama, generate
 
+_LATE = os.environ.get("TRITON_INTERPRET") != "1"  # triton came first: the interpreter cannot run in this process
 # The interpreter computes in numpy every lane of a tile, also those the kernel masks out (log2(0), 0/0 there),
 # and numpy warns about them; the outputs are compared below.
 pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")]
+in_process = pytest.mark.skipif(
+    _LATE, reason="triton was imported before TRITON_INTERPRET could be set; test_cases_in_a_fresh_process runs this"
+)
 
 VOCAB, NEW_TOKENS = 97, 8
 TOL = tolerance(torch.float32)
@@ -46,6 +56,7 @@ def left_padded() -> tuple[torch.Tensor, torch.Tensor]:
     return ids.masked_fill(mask == 0, 0), mask
 
 
+@in_process
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "left-padded"])
 def test_triton_greedy_generation_equals_hf(padded):
     hf = hf_llama()
@@ -59,6 +70,7 @@ def test_triton_greedy_generation_equals_hf(padded):
     assert torch.equal(generate(ours, ids, max_new_tokens=NEW_TOKENS, attention_mask=mask), expected)
 
 
+@in_process
 @torch.no_grad()
 def test_triton_prefill_and_decode_logits_equal_hf_and_padding_matters():
     hf = hf_llama()
@@ -80,8 +92,21 @@ def test_triton_prefill_and_decode_logits_equal_hf_and_padding_matters():
     assert not torch.allclose(ours(ids, positions[:, :10])[real], expected[:, :10][real], **TOL)
 
 
+@in_process
 def test_triton_refuses_a_key_mask_that_is_not_left_padding():
     ours = Llama.from_hf(hf_llama(), attention_backend="triton")
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match=r"key_mask must be left padding .* attention_backend='triton'"):
         ours(ids, key_mask=torch.tensor([[True, False, True, True]]))
+
+
+def test_cases_in_a_fresh_process():
+    """The cases above, in a new process with TRITON_INTERPRET=1 from the start, when they could not run here."""
+    if not _LATE:
+        pytest.skip("the cases ran in this process")
+    env = os.environ | {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not fresh_process"],
+        env=env, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert out.returncode == 0 and "4 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
