@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from impl.gpt import GPT, CharTokenizer, GPTConfig
-from impl.gpt.data import get_batch, train_val_split
+from impl.gpt import GPT, CharTokenizer, GPTConfig, get_batch, train_val_split
 from impl.rlhf.models import sample_completions
 
 VOWELS = "aeiou"
