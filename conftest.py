@@ -26,6 +26,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # --size is resolved here, once: everything after reads config.getoption("--size") as smoke, small or full.
+    config.option.size = resolve_size(config.getoption("--size"), resolve_device(config.getoption("--device")))
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped cleanly without one")
     config.addinivalue_line("markers", "distributed: spawns several processes (gloo on CPU, nccl on GPU)")
     config.addinivalue_line("markers", "triton: runs a Triton kernel (on CPU through TRITON_INTERPRET=1)")
@@ -43,7 +45,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     device = resolve_device(config.getoption("--device"))
-    size = resolve_size(config.getoption("--size"), device)
+    size = config.getoption("--size")
     return [f"impl: device={device} size={size} torch={torch.__version__} threads={torch.get_num_threads()}"]
 
 
@@ -54,9 +56,9 @@ def device(pytestconfig: pytest.Config) -> torch.device:
 
 
 @pytest.fixture(scope="session")
-def size(pytestconfig: pytest.Config, device: torch.device) -> str:
-    """The benchmark size chosen by --size (default: small on CPU, full on CUDA)."""
-    return resolve_size(pytestconfig.getoption("--size"), device)
+def size(pytestconfig: pytest.Config) -> str:
+    """The benchmark size chosen by --size (default: small on CPU, full on CUDA; resolved in pytest_configure)."""
+    return pytestconfig.getoption("--size")
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ import inspect
 import pytest
 import torch
 
-from impl.common import MemoryMeter, resolve_device, resolve_size
+from impl.common import MemoryMeter
 from impl.common.roofline import attention_flops, gemm_flops
 from impl.generation import Llama, generate
 
@@ -53,8 +53,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """context per --size; the decode step's compiled variants only at COMPILED_CONTEXTS (compile time)."""
     if "context" not in metafunc.fixturenames:
         return
-    device = resolve_device(metafunc.config.getoption("--device"))
-    size = resolve_size(metafunc.config.getoption("--size"), device)
+    size = metafunc.config.getoption("--size")  # resolved once, in the root conftest
     if "provider" in metafunc.fixturenames and metafunc.function.__name__ == "test_decode":
         pairs = [
             pytest.param(p, n, id=f"{p.replace(' ', '_')}-context={n}")

@@ -38,7 +38,6 @@ from impl.common import (
     measure_roofs,
     quantiles,
     resolve_device,
-    resolve_size,
     synchronize,
     time_calls,
 )
@@ -306,7 +305,7 @@ def bench(benchmark, device: torch.device, size: str, artifacts_dir: Path, roofs
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     sweeps = getattr(metafunc.module, "SWEEPS", {})
     config = metafunc.config
-    size = resolve_size(config.getoption("--size"), resolve_device(config.getoption("--device")))
+    size = config.getoption("--size")  # resolved once, in the root conftest's pytest_configure
     for name, by_size in sweeps.items():
         if name in metafunc.fixturenames:
             values = by_size[size]
@@ -325,7 +324,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         "device": device.type,
         "device_name": device_name(device),
         "cpu_name": device_name(torch.device("cpu")),
-        "size": resolve_size(config.getoption("--size"), device),
+        "size": config.getoption("--size"),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "libraries": versions,

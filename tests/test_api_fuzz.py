@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from impl.attention import attention, flash_attention_torch, naive_attention
-from impl.clip import clip_loss, nt_xent_loss
-from impl.clip.model import CLIPConfig
+from impl.clip import CLIPConfig, clip_loss, nt_xent_loss
 from impl.data import document_mask, exact_duplicates, minhash_signatures, near_duplicates, pack_documents
 from impl.diffusion import DDIMScheduler, DDPMScheduler, classifier_free_guidance, glide, img2img, unclip
 from impl.diffusion.unet import UNetConfig

@@ -237,7 +237,7 @@ def judge():
 
 
 def test_judge_recognizes_real_held_out_digits(judge):
-    from impl.clip.train import load_digits_split
+    from impl.data import load_digits_split
 
     _, _, test_x, test_y = load_digits_split()
     assert judge.test_accuracy >= 0.97
