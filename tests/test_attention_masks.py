@@ -55,6 +55,10 @@ CASES = {
     "decode-5-nodocs": (1, 4, 2, 5, 37, True, None),
     "chunk-20-of-37": (2, 2, 1, 20, 37, True, RAGGED),
     "equal-docs-gqa": (1, 4, 1, 48, 48, True, [(12, 12, 12, 12)]),
+    # documents longer than a tile, boundaries off the tiles: blocks wholly inside one document (unmasked runs)
+    "long-docs-causal": (1, 2, 1, 100, 100, True, [(20, 70, 10)]),
+    "long-docs-full": (1, 2, 1, 100, 100, False, [(20, 70, 10)]),
+    "long-docs-chunk": (1, 2, 1, 40, 100, True, [(20, 70, 10)]),
 }
 HEAD_DIM = 16
 
@@ -104,12 +108,19 @@ def assert_all_close(ours, ref, dtype):
         torch.testing.assert_close(a, b, **tolerance(dtype), msg=lambda m, name=name: f"{name}: {m}")
 
 
+TRITON_FRONT = pytest.param("triton-front", marks=on_cpu_interpreter)  # the front, the default fp32 tiles (64/32)
+
+
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("backend", [*BACKEND_PARAMS, TRITON_FRONT])
 def test_fp32_matches_sdpa_with_explicit_mask(backend, case):
     q, k, v, grad_out = make_inputs(case)
     kwargs, allowed = case_masks(case)
-    ours = forward_backward(BACKENDS[backend], q, k, v, grad_out, **kwargs)
+    if backend == "triton-front":
+        fn = lambda q, k, v, **kw: attention(q, k, v, backend="triton", **kw)
+    else:
+        fn = BACKENDS[backend]
+    ours = forward_backward(fn, q, k, v, grad_out, **kwargs)
     assert_all_close(ours, forward_backward(sdpa_masked, q, k, v, grad_out, allowed=allowed), torch.float32)
 
 
