@@ -87,3 +87,28 @@ def test_auto_backend_is_triton_on_cuda_and_deterministic():
     second = forward_backward(flash_attention_triton, q, k, v, grad_out, causal=True)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n_q", [8192, 5, 1], ids=["prefill", "decode-5", "decode-1"])
+def test_packed_documents_at_the_benchmark_length_within_sdpa_error(n_q):
+    """bf16, 8192 keys in ragged documents (boundaries off every tile, two of length 1), causal, GQA; the queries
+    are the last n_q. The kernels skip the tiles outside each block's documents; SDPA gets the dense mask."""
+    n_k, lengths = 8192, (1, 700, 3000, 1, 2500, 1990)
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).cuda()[None]
+    allowed = (ids[:, n_k - n_q :, None] == ids[:, None, :]) & torch.ones(n_k, n_k, device="cuda").tril().bool()[
+        n_k - n_q :
+    ]
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    shapes = ((1, 4, n_q, 64), (1, 2, n_k, 64), (1, 2, n_k, 64), (1, 4, n_q, 64))
+    q, k, v, grad_out = (torch.randn(s, generator=g).to("cuda", torch.bfloat16) for s, g in zip(shapes, gens))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    ours = forward_backward(flash_attention_triton, q, k, v, grad_out, causal=True, document_ids=ids)
+    ref = forward_backward(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=True),
+        q, k, v, grad_out,
+    )  # fmt: skip
+    truth_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    truth = forward_backward(naive_attention, *truth_inputs, grad_out.double(), causal=True, document_ids=ids)
+    for name, o, r, t in zip(("out", "dq", "dk", "dv"), ours, ref, truth):
+        assert torch.isfinite(o).all(), f"{name}: {int((~torch.isfinite(o)).sum())} non-finite values"
+        assert_close_to_reference_error(o, r, t, name=name)
