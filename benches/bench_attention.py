@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from impl.attention import flash_attention_torch, flash_attention_triton, naive_attention
-from impl.common import MemoryMeter, resolve_device, resolve_size
+from impl.common import MemoryMeter, resolve_device
 from impl.common.roofline import attention_flops
 
 SWEEPS = {
@@ -85,7 +85,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     in tests), the compiled variant only up to COMPILED_MAX_SEQ_LEN."""
     if "provider" in metafunc.fixturenames:
         device = resolve_device(metafunc.config.getoption("--device"))
-        size = resolve_size(metafunc.config.getoption("--size"), device)
+        size = metafunc.config.getoption("--size")  # resolved once, in the root conftest
         pairs = [
             pytest.param(p, n, id=f"{p.replace(' ', '_')}-seq_len={n}")
             for p in PROVIDERS
