@@ -37,13 +37,13 @@ TABLE = {
     "train": (["--out", "OUT", "--data", "CORPUS"], {
         **dict.fromkeys(["--n-layer", "--n-head", "--n-embd", "--block-size", "--batch-size", "--grad-accum-steps",
                          "--max-iters", "--lr-decay-iters", "--eval-interval", "--eval-iters",
-                         "--final-eval-iters"], "pos_int"),
+                         "--final-eval-iters", "--tp"], "pos_int"),
         **dict.fromkeys(["--warmup-iters", "--checkpoint-every", "--sample-chars", "--seed"], "nonneg_int"),
         **dict.fromkeys(["--learning-rate", "--min-lr"], "pos_float"),
         **dict.fromkeys(["--weight-decay", "--grad-clip"], "nonneg_float"),
         **dict.fromkeys(["--dropout", "--beta1", "--beta2"], "unit"),
         "--out": "out_dir", "--data": "in_file", "--device": "device",
-    }, {"--preset", "--no-progress", "--attention-backend"}),
+    }, {"--preset", "--no-progress", "--attention-backend", "--parallel"}),
     "sample": (["--checkpoint", "DIR"], {
         "--checkpoint": "in_dir", "--max-new-tokens": "nonneg_int", "--temperature": "pos_float",
         "--top-k": "pos_int", "--seed": "nonneg_int", "--device": "device", "--out": "out_file",
