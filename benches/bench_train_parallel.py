@@ -142,7 +142,7 @@ def test_train_step(bench, device, size, mode):
         info = bench(
             lambda: ranks.send("step"),
             variant=mode,
-            params={"mode": mode, "n_layer": n_layer, "n_embd": n_embd, "block": block, "batch": batch},
+            params={"n_layer": n_layer, "n_embd": n_embd, "block": block, "batch": batch},
             sweep="mode",
             dtype=torch.float32,
             baseline=mode == "none",
