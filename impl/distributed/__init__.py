@@ -3,19 +3,21 @@ parallelism applied in place to the GPT (`tensor_parallelize`, `tp_groups`) and 
 cut from it (`PipelineSchedule`, `split_gpt`)."""
 
 from impl.distributed.launch import spawn
-from impl.distributed.pipeline import GPTStage, PipelineSchedule, split_gpt
-from impl.distributed.tensor_parallel import (
+from impl.distributed.parallel_layers import (
     ColumnParallelLinear,
-    ParallelGroups,
     RowParallelLinear,
     VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
+from impl.distributed.pipeline import GPTStage, PipelineSchedule, split_gpt
+from impl.distributed.tensor_parallel import (
+    ParallelGroups,
     full_logits,
     full_state_dict,
     shard_state_dict,
     tensor_parallelize,
     tp_groups,
     unshard,
-    vocab_parallel_cross_entropy,
 )
 from impl.distributed.zero import Zero
 
