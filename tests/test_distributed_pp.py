@@ -270,6 +270,9 @@ def test_stages_are_the_gpt_with_the_other_parts_removed(n_stages):
     assert stages[-1].tied_weight is stages[-1].lm_head.weight
     assert (stages[0].lm_head is None) == (n_stages > 1)
     assert sorted(set(names) - {"lm_head.weight"}) == sorted(name for name, _ in gpt.named_parameters())
+    wpe = gpt.transformer.wpe.weight.numel()  # num_params leaves the position embedding out, where a stage has it
+    counts = [stage.num_params() + (wpe if s == 0 else 0) for s, stage in enumerate(stages)]
+    assert counts == [sum(p.numel() for p in stage.parameters()) for stage in stages]
     idx, _ = _tokens()
     x = idx
     for stage in stages:

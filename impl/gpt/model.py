@@ -147,7 +147,8 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without the position embedding (the token one is the tied head)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        wpe = self.transformer["wpe"]  # absent on a pipeline stage that is not the first
+        return n - wpe.weight.numel() if non_embedding and wpe is not None else n
 
     def trunk(
         self,
