@@ -207,15 +207,23 @@ def train(cfg: TrainConfig, out_dir: str | Path, data_path: str | Path | None = 
     wall = time.perf_counter() - start
     final = estimate_loss(model, splits, cfg, cfg.final_eval_iters, device)
     log.eval(trainer.step_count, final, cfg.final_eval_iters)
-    steps = trainer.step_count
+    return _finish_run(
+        log, cfg, device, model, tok, final=final, steps=trainer.step_count,
+        session_steps=trainer.step_count - session_start, resumed=resumed, wall=wall,
+    )  # fmt: skip
+
+
+def _finish_run(log, cfg, device, model, tok, *, final, steps, session_steps, resumed, wall, extra=None) -> dict:
+    """The run's summary (timing over every resume) and a sample from `model`, written by `log`; the summary."""
     timed_steps, train_seconds = log.timed()  # the whole run, over every resume
     summary = {
         "config": asdict(cfg),
         "device": str(device),
+        **(extra or {}),
         "params": model.num_params(),
         "resumed_from": resumed.step if resumed else None,
         "steps": steps,
-        "session_steps": trainer.step_count - session_start,
+        "session_steps": session_steps,
         "final_val_loss": final["val"],
         "final_train_loss": final["train"],
         "final_eval_batches": cfg.final_eval_iters,

@@ -41,7 +41,7 @@ from impl.gpt.parallel import (
     named_optimizer_state,
 )
 from impl.gpt.run_log import RunLog
-from impl.gpt.train import TrainConfig, _autocast, _prepare_data, lr_at, make_optimizer
+from impl.gpt.train import TrainConfig, _autocast, _finish_run, _prepare_data, lr_at, make_optimizer
 
 TIMEOUT_S = 900.0  # every collective; a rank that stops answering fails the run after this long
 
@@ -231,28 +231,9 @@ def _train(cfg, out_dir, data_path, layout, device, progress) -> dict | None:
     if not lead:
         return None
     log.eval(step, final, cfg.final_eval_iters)
-    timed_steps, train_seconds = log.timed()
-    plain = mirror[0].to(device)
-    summary = {
-        "config": asdict(cfg),
-        "device": str(device),
-        "parallel": {"mode": layout.mode, "world_size": layout.world_size, "tp": layout.tp, "dp": layout.dp},
-        "params": plain.num_params(),
-        "resumed_from": resumed.step if resumed else None,
-        "steps": step,
-        "session_steps": step - session_start,
-        "final_val_loss": final["val"],
-        "final_train_loss": final["train"],
-        "final_eval_batches": cfg.final_eval_iters,
-        "wall_seconds": wall,
-        "train_seconds": train_seconds,
-        "ms_per_iter": 1000 * train_seconds / max(1, timed_steps),
-        "tokens_per_s": timed_steps * cfg.batch_size * cfg.block_size * cfg.grad_accum_steps / max(train_seconds, 1e-9),
-    }
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    prompt = "\n" if "\n" in tok.chars else tok.chars[0]
-    start_ids = torch.tensor([tok.encode(prompt)], device=device)
-    plain.eval()
-    log.finish(summary, tok.decode(plain.generate(start_ids, cfg.sample_chars, generator=generator)[0, 1:]))
-    return summary
+    parallel = {"mode": layout.mode, "world_size": layout.world_size, "tp": layout.tp, "dp": layout.dp}
+    return _finish_run(
+        log, cfg, device, mirror[0].to(device), tok, final=final, steps=step, session_steps=step - session_start,
+        resumed=resumed, wall=wall, extra={"parallel": parallel},
+    )  # fmt: skip
 
