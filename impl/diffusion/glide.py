@@ -197,6 +197,7 @@ def sample(
     tokens = glide.tokenizer.encode([""] * n + texts, length).to(device)  # [uncond; cond]
     cond, context = model.encode_text(tokens)  # once per sampling run, not per step
     eps_fn = guided_denoiser(model.unet, (cond[n:], context[n:]), (cond[:n], context[:n]), guidance_scale)
+    del cond, context  # eps_fn holds its own [uncond; cond] pairing; these would be a second copy for the whole run
     if clip_guidance_scale > 0:
         clip_tokens = clip_tokenizer.encode(texts, clip.config.context_length).to(device)
         eps_fn = clip_guided(eps_fn, scheduler, clip.eval(), clip.encode_text(clip_tokens), clip_guidance_scale)

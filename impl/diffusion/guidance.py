@@ -95,12 +95,16 @@ def guided_denoiser(
         raise TypeError(f"denoiser must be callable, got {type(denoiser).__name__}")
     conds, paired = _pair(cond, uncond, None)
     batch = conds[0].shape[0]
+    if guidance_scale == 1:
+        paired = None  # the closure keeps only what its steps read: [uncond; cond] is a copy of both halves
+    else:
+        conds = None
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         _check_call(denoiser, x, t)
         if x.shape[0] != batch:
             raise ValueError(f"sample must have the condition's batch size {batch}, got shape {tuple(x.shape)}")
-        if guidance_scale == 1:
+        if paired is None:
             return denoiser(x, t, *conds)
         return _guide(denoiser, x, t, paired, guidance_scale)
 
