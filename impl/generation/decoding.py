@@ -72,15 +72,28 @@ def generate(
     top_p: float | None = None,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    draft_model: Llama | None = None,
+    num_draft_tokens: int = 4,
 ) -> torch.Tensor:
     """The prompt (B, T) followed by up to `max_new_tokens` new tokens per row, (B, T + n).
 
     A row that has emitted `eos_token_id` is finished: it gets `eos_token_id` from then on, and generation
     stops once every row is finished. Without the cache every step reruns the whole sequence (the baseline).
+    With a `draft_model` (same vocabulary), decoding is speculative (impl.generation.speculative): the draft
+    proposes `num_draft_tokens` tokens, `model` verifies them in one forward; greedy output is unchanged and a
+    sampled one keeps `model`'s distribution.
     """
     _check(
         model, input_ids, max_new_tokens, use_cache, attention_mask, temperature, top_k, top_p, eos_token_id, generator
     )
+    if draft_model is not None:
+        from impl.generation.speculative import speculative_generate
+
+        return speculative_generate(
+            model, draft_model, input_ids, max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens,
+            use_cache=use_cache, attention_mask=attention_mask, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_token_id=eos_token_id, generator=generator,
+        )  # fmt: skip
     B, T = input_ids.shape
     device = input_ids.device
     key_mask = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)

@@ -124,7 +124,9 @@ class Attention(nn.Module):
         v = qkv[:, :, H + KV :].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # the filled slots only: (B, KV, start + T, head_dim)
-        if T == 1 and "document_ids" not in masks:
+        if "attention_mask" in masks:  # the caller's whole mask (causality included), e.g. a paged, packed batch
+            y = attention(q, k, v, mask=masks["attention_mask"], backend=self.backend)
+        elif T == 1 and "document_ids" not in masks:
             # Decode: the one query is the newest slot and sees every filled one, so no causal mask. A group's
             # query heads become that group's queries, so each K/V head is read once instead of being repeated
             # for every query head: q is (B, KV, H // KV, head_dim). (Document ids belong to positions, not heads.)
@@ -267,12 +269,19 @@ class Llama(nn.Module):
         start: int = 0,
         key_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `input_ids` (B, T) placed in cache slots [start, start + T).
 
         `positions` (B, T) are the rotary positions (default: the slot indices); `key_mask` (B, start + T) is
         True where a slot holds a real token (default: all do); `cache` holds slots [0, start) from earlier
         calls and receives the new ones; without a cache, `start` must be 0.
+
+        `cache` may be any object with `update(layer, start, k, v) -> (keys, values)` (k, v: (B, kv_heads, T,
+        head_dim)), returning the keys and values the T queries attend over, (B, kv_heads, S, head_dim). With
+        `attention_mask` (bool (B, 1, T, S), True where query i may attend to key j) that mask is the whole rule,
+        causality included, and replaces `key_mask` and the built-in causal mask: a paged cache serving a packed
+        batch of sequences, each at its own offset, says which keys belong to which query this way.
         """
         # Ids must lie in [0, vocab_size): generate() checks them once; a check here would sync the device on
         # every call, prefill and decode alike.
@@ -288,7 +297,18 @@ class Llama(nn.Module):
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        masks = _attention_masks(key_mask, start, T, self.config.attention_backend, input_ids.device)
+        if attention_mask is not None:
+            if key_mask is not None:
+                raise ValueError("key_mask must be None when attention_mask is given (the mask is the whole rule)")
+            check_tensor("attention_mask", attention_mask, dim=4, dtype=torch.bool, device=input_ids.device)
+            if attention_mask.shape[0] != B or attention_mask.shape[2] != T:
+                raise ValueError(
+                    f"attention_mask must be (batch, 1, seq, keys) with batch={B}, seq={T}, got "
+                    f"{tuple(attention_mask.shape)}"
+                )
+            masks = {"attention_mask": attention_mask}
+        else:
+            masks = _attention_masks(key_mask, start, T, self.config.attention_backend, input_ids.device)
         for block in self.layers:
             x = block(x, cos, sin, masks, cache, start)
         x = self.norm(x[:, -1:] if last_only else x)
