@@ -1,4 +1,5 @@
-"""A static key/value cache: every layer's keys and values for every slot, allocated once before decoding.
+"""A static key/value cache: every layer's keys and values for every slot, allocated once before decoding,
+optionally stored as int8 with one scale per token and head.
 
 Decoding with a cache (the "incremental inference" of Pope et al. 2022, "Efficiently Scaling Transformer
 Inference", sec. 2) turns each step's attention from recomputing all N keys and values into computing one and
@@ -6,6 +7,23 @@ reading N. Allocating the whole cache up front (as gpt-fast and transformers' `S
 size fixed and known:
 
     nbytes = 2 (K and V) x layers x kv_heads x head_dim x max_tokens x batch x bytes per element
+
+The int8 cache (`quantized=True`) stores each (batch, head, token) vector x of head_dim keys or values as codes
+q and one scale s, by symmetric absmax quantization (Dettmers et al. 2022, "LLM.int8()", sec. 2.1, eq. 1,
+applied per vector as in their vector-wise quantization, sec. 3.1; per token as KIVI, Liu et al. 2024, sec. 3,
+does for values):
+
+    s = max_i |x_i| / 127  (rounded to the compute dtype, at least its smallest normal number)
+    q_i = clamp(round(x_i / s), -127, 127)  as int8, round half to even, x / s computed in float32
+    x_i ~ q_i * s,   |x_i - q_i * s| <= s / 2
+
+so nbytes = 2 x layers x kv_heads x max_tokens x batch x (head_dim + bytes of the scale), the scale kept in the
+compute dtype: with bf16 and head_dim 64, 1 + 2/64 = 1.03125 bytes per element against the bf16 cache's 2.
+`update` quantizes the new tokens, then dequantizes the whole prefix [0, start + T) into fresh compute-dtype
+tensors for attention: every step reads the prefix's int8 codes and scales, and writes and reads one layer's
+keys and values in the compute dtype (a transient of one layer's fp K and V, freed before the next layer). It
+saves memory, not time: a fused attention kernel would read the int8 codes directly (as vLLM's quantized caches
+do) and the step would read half the bytes.
 """
 
 import torch
@@ -21,6 +39,21 @@ def _check_dtype(dtype: object) -> torch.dtype:
             f"dtype must be one of {_FLOATS} (the compute dtype; int8 storage is quantized=True), got {dtype}"
         )
     return dtype
+
+
+def quantize_int8(x: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax int8 codes (..., D) and scales (..., 1) in `dtype` (default: x's) of each last-axis
+    vector of x, as the module docstring states; dequantize_int8(*quantize_int8(x)) is within scale / 2 of x."""
+    dtype = _check_dtype(x.dtype if dtype is None else dtype)
+    tiny = torch.finfo(dtype).tiny  # the smallest normal number: a zero vector gets codes 0 and a finite scale
+    scale = (x.abs().amax(dim=-1, keepdim=True).float() / 127).clamp_min(tiny).to(dtype)
+    codes = torch.round(x.float() / scale.float()).clamp_(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes * scale in `dtype` (the product rounded once, to the dtype)."""
+    return codes.to(dtype) * scale
 
 
 def kv_cache_bytes(
@@ -56,7 +89,12 @@ def kv_cache_bytes(
 
 
 class KVCache:
-    """Preallocated keys and values, one (batch, kv_heads, max_tokens, head_dim) tensor each per layer."""
+    """Preallocated keys and values, one (batch, kv_heads, max_tokens, head_dim) tensor each per layer.
+
+    `dtype` is the compute dtype: what `update` takes and returns. With `quantized=True` the keys and values are
+    stored as int8 codes (`keys`, `values`) with one `dtype` scale per (batch, head, token) in `key_scales`,
+    `value_scales` ((batch, kv_heads, max_tokens, 1) per layer), and `update` returns dequantized copies.
+    """
 
     def __init__(
         self,
@@ -68,6 +106,7 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        quantized: bool = False,
     ):
         for name, value in (
             ("layers", layers),
@@ -77,23 +116,48 @@ class KVCache:
             ("head_dim", head_dim),
         ):
             check_positive_int(name, value)
-        self.max_tokens = max_tokens
+        self.dtype = _check_dtype(dtype)
+        self.quantized = check_bool("quantized", quantized)
+        self.max_tokens, self.head_dim = max_tokens, head_dim
+        self._heads = (batch, kv_heads)
         shape = (batch, kv_heads, max_tokens, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        storage = torch.int8 if quantized else dtype
+        self.keys = [torch.zeros(shape, dtype=storage, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=storage, device=device) for _ in range(layers)]
+        self.key_scales: list[torch.Tensor] = []
+        self.value_scales: list[torch.Tensor] = []
+        if quantized:
+            shape = (batch, kv_heads, max_tokens, 1)
+            self.key_scales = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+            self.value_scales = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by all layers' keys and values."""
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        """Bytes held by all layers' keys and values (with quantized=True: their int8 codes and scales)."""
+        tensors = self.keys + self.values + self.key_scales + self.value_scales
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, kv_heads, T, head_dim) into slots [start, start + T) of `layer`; return that layer's
-        keys and values for slots [0, start + T), as views of the cache."""
+        keys and values for slots [0, start + T): views of the cache, or with quantized=True new dequantized
+        tensors in the compute dtype."""
+        if k.dim() != 4 or k.shape[:2] != self._heads or k.shape[3] != self.head_dim:
+            B, H = self._heads
+            raise ValueError(f"k must be (batch={B}, kv_heads={H}, T, head_dim={self.head_dim}), got {tuple(k.shape)}")
+        if v.shape != k.shape:
+            raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
         end = start + k.shape[2]
         if not 0 <= start < end <= self.max_tokens:
             raise ValueError(f"slots [{start}, {end}) must lie within the cache's max_tokens={self.max_tokens}")
         keys, values = self.keys[layer], self.values[layer]
-        keys[:, :, start:end] = k
-        values[:, :, start:end] = v
-        return keys[:, :, :end], values[:, :, :end]
+        if not self.quantized:
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+            return keys[:, :, :end], values[:, :, :end]
+        key_scales, value_scales = self.key_scales[layer], self.value_scales[layer]
+        keys[:, :, start:end], key_scales[:, :, start:end] = quantize_int8(k, self.dtype)
+        values[:, :, start:end], value_scales[:, :, start:end] = quantize_int8(v, self.dtype)
+        return (
+            dequantize_int8(keys[:, :, :end], key_scales[:, :, :end], self.dtype),
+            dequantize_int8(values[:, :, :end], value_scales[:, :, :end], self.dtype),
+        )
