@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from impl.common import MemoryMeter, tolerance
-from impl.generation import KVCache, Llama, LlamaConfig
+from impl.generation import KVCache, Llama, LlamaConfig, kv_cache_bytes
 
 CONFIG = LlamaConfig(
     vocab_size=61, hidden_size=48, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
@@ -66,3 +66,10 @@ def test_update_outside_the_cache():
 def test_config_heads_must_divide():
     with pytest.raises(ValueError, match="num_attention_heads must be a multiple of num_key_value_heads, got 6 and 4"):
         LlamaConfig(num_attention_heads=6, num_key_value_heads=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kv_cache_bytes_is_the_formula(dtype):
+    """The public formula (the memory planner's) is the one above, and what a cache of those sizes holds."""
+    sizes = dict(layers=3, batch=2, kv_heads=2, max_tokens=17, head_dim=8)
+    assert kv_cache_bytes(**sizes, dtype=dtype) == formula(3, 2, 8, 17, 2, dtype) == KVCache(**sizes, dtype=dtype).nbytes
