@@ -72,4 +72,5 @@ def test_config_heads_must_divide():
 def test_kv_cache_bytes_is_the_formula(dtype):
     """The public formula (the memory planner's) is the one above, and what a cache of those sizes holds."""
     sizes = dict(layers=3, batch=2, kv_heads=2, max_tokens=17, head_dim=8)
-    assert kv_cache_bytes(**sizes, dtype=dtype) == formula(3, 2, 8, 17, 2, dtype) == KVCache(**sizes, dtype=dtype).nbytes
+    expected = formula(3, 2, 8, 17, 2, dtype)
+    assert kv_cache_bytes(**sizes, dtype=dtype) == expected == KVCache(**sizes, dtype=dtype).nbytes
