@@ -24,8 +24,9 @@ from impl.generation.sampling import sample_next
 
 
 def _check(
-    model, input_ids, max_new_tokens, use_cache, attention_mask, temperature, top_k, top_p, eos_token_id, generator
-) -> None:
+    model, input_ids, max_new_tokens, use_cache, attention_mask, temperature, top_k, top_p, eos_token_id, generator,
+    compile,
+) -> None:  # fmt: skip
     if not isinstance(model, Llama):
         raise TypeError(f"model must be an impl.generation.Llama, got {type(model).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
@@ -57,6 +58,14 @@ def _check(
     if eos_token_id is not None:
         check_int("eos_token_id", eos_token_id, low=0, high=vocab, high_open=True)
     check_generator("generator", generator)
+    check_bool("compile", compile)
+    if compile and not use_cache:
+        raise ValueError("compile=True compiles the cached decode step; it needs use_cache=True, got use_cache=False")
+    if compile and model.config.attention_backend == "triton":
+        raise ValueError(
+            "compile=True attends over every cache slot under a dense mask, which the Triton kernels do not read; "
+            "use attention_backend 'sdpa', 'torch', 'naive' or 'auto', got 'triton'"
+        )
 
 
 @torch.no_grad()
@@ -74,6 +83,7 @@ def generate(
     generator: torch.Generator | None = None,
     draft_model: Llama | None = None,
     num_draft_tokens: int = 4,
+    compile: bool = False,
 ) -> torch.Tensor:
     """The prompt (B, T) followed by up to `max_new_tokens` new tokens per row, (B, T + n).
 
@@ -82,10 +92,18 @@ def generate(
     With a `draft_model` (same vocabulary), decoding is speculative (impl.generation.speculative): the draft
     proposes `num_draft_tokens` tokens, `model` verifies them in one forward; greedy output is unchanged and a
     sampled one keeps `model`'s distribution.
+
+    Everything is checked here, once; the loop then runs `Llama.decode_step` on buffers allocated before it (the
+    output, the position, the cache, the key mask), so a step costs the model's kernels and little else. With
+    `compile=True` the one-token step is torch.compile'd over the whole static cache (gpt-fast's recipe: every
+    step has the same shapes, the new slot is a tensor index, a mask hides the empty slots), mode
+    "reduce-overhead" (CUDA graphs) on CUDA and the default mode elsewhere; the first call compiles, and a new
+    batch size or prompt + max_new_tokens length compiles again.
     """
     _check(
-        model, input_ids, max_new_tokens, use_cache, attention_mask, temperature, top_k, top_p, eos_token_id, generator
-    )
+        model, input_ids, max_new_tokens, use_cache, attention_mask, temperature, top_k, top_p, eos_token_id, generator,
+        compile,
+    )  # fmt: skip
     if draft_model is not None:
         from impl.generation.speculative import speculative_generate
 
@@ -103,12 +121,47 @@ def generate(
     positions = (
         torch.arange(T, device=device).expand(B, T) if key_mask is None else (key_mask.cumsum(-1) - 1).clamp(min=0)
     )
-    cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
+    sample = lambda logits: sample_next(logits, temperature, top_k, top_p, generator)
+    if not use_cache:
+        return _generate_without_cache(model, input_ids, positions, key_mask, max_new_tokens, sample, eos_token_id)
+    total = T + max_new_tokens
+    # Everything the loop writes is allocated here, once: the output, the step's position, the cache, the mask.
+    tokens = input_ids.new_empty(B, total)
+    tokens[:, :T] = input_ids
+    position = positions[:, -1:] + 1  # (B, 1), advanced in place after every step
+    cache = model.new_cache(B, total)
+    logits = model(input_ids, positions, cache=cache, key_mask=key_mask, last_only=True)[:, -1]  # prefill
+    if compile:
+        step = _StaticStep(model, cache, key_mask, T)
+        mask = None
+    else:
+        step = model.decode_step
+        # The key mask for every slot, once; each step reads a view of its first start + 1 columns. The new slot
+        # always holds a token, so this is the prefill's mask (key_mask | slot == query) for one query.
+        mask = None if key_mask is None else torch.cat([key_mask, key_mask.new_ones(B, max_new_tokens)], 1)
+    finished = torch.zeros(B, dtype=torch.bool, device=device) if eos_token_id is not None else None
+    for i in range(max_new_tokens):
+        next_token = sample(logits)
+        if finished is not None:
+            next_token = next_token.masked_fill(finished, eos_token_id)
+            finished |= next_token == eos_token_id
+        tokens[:, T + i] = next_token
+        if i == max_new_tokens - 1 or (finished is not None and bool(finished.all())):
+            return tokens[:, : T + i + 1]
+        slot_mask = None if mask is None else mask[:, None, None, : T + i + 1]
+        logits = step(tokens[:, T + i : T + i + 1], position, cache, T + i, slot_mask)
+        position += 1
+    return tokens
+
+
+def _generate_without_cache(model, input_ids, positions, key_mask, max_new_tokens, sample, eos_token_id):
+    """The baseline: every step reruns the whole sequence."""
+    B = input_ids.shape[0]
     tokens = input_ids
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = model(tokens, positions, cache=cache, key_mask=key_mask, last_only=True)[:, -1]  # prefill
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
-        next_token = sample_next(logits, temperature, top_k, top_p, generator)
+        logits = model(tokens, positions, key_mask=key_mask, last_only=True)[:, -1]
+        next_token = sample(logits)
         if eos_token_id is not None:
             next_token = next_token.masked_fill(finished, eos_token_id)
             finished |= next_token == eos_token_id
@@ -118,9 +171,53 @@ def generate(
         positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
         if key_mask is not None:
             key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], dim=1)
-        if use_cache:  # decode: one new slot
-            logits = model(tokens[:, -1:], positions[:, -1:], cache=cache, start=T + step, key_mask=key_mask)
-        else:  # no cache: the whole sequence again
-            logits = model(tokens, positions, key_mask=key_mask, last_only=True)
-        logits = logits[:, -1]
     return tokens
+
+
+class _SlotWriter:
+    """The compiled step's cache: writes the new token's k, v at a tensor slot index and returns every slot, so
+    the shapes never change (gpt-fast's KVCache.update); it writes into a KVCache's own `keys` / `values`."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+
+    def update(self, layer: int, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.keys[layer].index_copy_(2, slot, k)  # k, v: (B, kv_heads, 1, head_dim) into slot `slot`
+        self.values[layer].index_copy_(2, slot, v)
+        return self.keys[layer], self.values[layer]
+
+
+def _static_decode(model: Llama, token, position, slot, valid, keys, values) -> torch.Tensor:
+    """One decode step over all slots: what torch.compile traces (inputs: tensors, and the model)."""
+    return model.decode_step(token, position, _SlotWriter(keys, values), slot, valid)
+
+
+_COMPILED: dict[str, object] = {}  # device type -> the compiled _static_decode, made on first use
+
+
+class _StaticStep:
+    """`decode_step`'s signature over the compiled static step: the token, slot index and slot mask live in
+    buffers made once, updated in place each step (fixed addresses, which CUDA graphs need)."""
+
+    def __init__(self, model: Llama, cache, key_mask: torch.Tensor | None, prompt_len: int):
+        device = cache.keys[0].device
+        B, S = cache.keys[0].shape[0], cache.max_tokens
+        self.model, self.keys, self.values = model, cache.keys, cache.values
+        self.token = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.valid = torch.zeros(B, S, dtype=torch.bool, device=device)  # True: the slot holds a token
+        self.valid[:, :prompt_len] = True if key_mask is None else key_mask
+        self.mask = self.valid[:, None, None]  # (B, 1, 1, S): a view, so it sees each step's new slot
+        if device.type == "cuda":  # written in place every step: their addresses must stay in the CUDA graph
+            for t in (*self.keys, *self.values):
+                torch._dynamo.mark_static_address(t)
+        if device.type not in _COMPILED:
+            kwargs = {"mode": "reduce-overhead"} if device.type == "cuda" else {}
+            _COMPILED[device.type] = torch.compile(_static_decode, fullgraph=True, **kwargs)
+        self.fn = _COMPILED[device.type]
+
+    def __call__(self, token, position, cache, start: int, mask) -> torch.Tensor:
+        self.token.copy_(token)
+        self.slot.fill_(start)
+        self.valid[:, start] = True
+        return self.fn(self.model, self.token, position, self.slot, self.mask, self.keys, self.values)

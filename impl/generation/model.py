@@ -80,11 +80,20 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin of position * theta^(-2i/d) for every channel pair, both (B, T, 1, head_dim)."""
+    """cos and sin of position * theta^(-2i/d) for every channel pair (RoFormer eq. 34), both (B, T, 1, head_dim).
+    The per-call formula; the model reads the same numbers from `rope_table`, computed once."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
     freqs = positions[..., None].float() * inv_freq  # (B, T, head_dim / 2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B, T, 1, head_dim): broadcast over heads
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rope_table(length: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_cos_sin` for positions 0 .. length - 1 in fp32, (length, head_dim) each: row p is position p's cos
+    (sin). Each entry is one product position * inv_freq and one cos (sin), the per-call formula's own numbers,
+    so indexing the table by position equals computing them at every step, bit for bit."""
+    cos, sin = rope_cos_sin(torch.arange(length, device=device)[None], head_dim, theta, torch.float32)
+    return cos[0, :, 0], sin[0, :, 0]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -207,6 +216,19 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self._init_rope(None)
+
+    def _init_rope(self, device) -> None:
+        """The RoPE cos/sin tables, one row per position up to max_position_embeddings, computed once (not per
+        step); non-persistent buffers: not in the state dict, moved and cast with the model."""
+        c = self.config
+        cos, sin = rope_table(c.max_position_embeddings, c.head_dim, c.rope_theta, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (B, T, 1, head_dim) for rotary positions (B, T), looked up in the tables."""
+        return self.rope_cos[positions][:, :, None].to(dtype), self.rope_sin[positions][:, :, None].to(dtype)
 
     @classmethod
     def from_hf(cls, model, attention_backend: str = "sdpa", fused_projections: bool = True) -> "Llama":
@@ -245,6 +267,7 @@ class Llama(nn.Module):
         ours.load_state_dict(state, assign=True)
         if config.tie_word_embeddings:  # assign=True replaced the shared Parameter on one side only
             ours.lm_head.weight = ours.embed_tokens.weight
+        ours._init_rope(weight.device)  # built on meta above: computed now, where the weights live
         return ours.to(weight.device, weight.dtype).eval()
 
     def new_cache(self, batch: int, max_tokens: int) -> KVCache:
@@ -273,7 +296,8 @@ class Llama(nn.Module):
     ) -> torch.Tensor:
         """Logits for `input_ids` (B, T) placed in cache slots [start, start + T).
 
-        `positions` (B, T) are the rotary positions (default: the slot indices); `key_mask` (B, start + T) is
+        `positions` (B, T) are the rotary positions (default: the slot indices), each below
+        `config.max_position_embeddings` (the RoPE tables' length); `key_mask` (B, start + T) is
         True where a slot holds a real token (default: all do); `cache` holds slots [0, start) from earlier
         calls and receives the new ones; without a cache, `start` must be 0.
 
@@ -293,10 +317,13 @@ class Llama(nn.Module):
             raise ValueError(f"positions must have input_ids' shape {(B, T)}, got {tuple(positions.shape)}")
         if key_mask is not None and key_mask.shape != (B, start + T):
             raise ValueError(f"key_mask must be (batch, start + seq) = {(B, start + T)}, got {tuple(key_mask.shape)}")
+        if positions is None and start + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"slots [{start}, {start + T}) must lie below max_position_embeddings="
+                f"{self.config.max_position_embeddings} (the RoPE tables' length)"
+            )
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         if attention_mask is not None:
             if key_mask is not None:
                 raise ValueError("key_mask must be None when attention_mask is given (the mask is the whole rule)")
@@ -309,6 +336,24 @@ class Llama(nn.Module):
             masks = {"attention_mask": attention_mask}
         else:
             masks = _attention_masks(key_mask, start, T, self.config.attention_backend, input_ids.device)
+        return self._run(input_ids, positions, masks, cache, start, last_only)
+
+    def decode_step(
+        self, token: torch.Tensor, position: torch.Tensor, cache, start: int | torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """One decode step, unchecked: `generate` checks its inputs once, before the loop, and calls this per token.
+
+        token, position: (B, 1); the token goes into cache slot `start`; returns the logits (B, vocab).
+        `mask` (B, 1, 1, S), True where a key slot may be read, or None (every slot the cache returns holds a
+        token). With the KVCache `start` is an int and the cache returns slots [0, start + 1); a cache that
+        returns all its slots (the compiled step's static shapes) takes `start` as a tensor and needs the mask.
+        """
+        return self._run(token, position, {} if mask is None else {"mask": mask}, cache, start, True)[:, -1]
+
+    def _run(self, input_ids, positions, masks: dict, cache, start, last_only: bool) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self._rope(positions, x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, masks, cache, start)
         x = self.norm(x[:, -1:] if last_only else x)
