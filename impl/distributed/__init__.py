@@ -19,9 +19,9 @@ from impl.distributed.tensor_parallel import (
     tp_groups,
     unshard,
 )
-from impl.distributed.zero import Zero
+from impl.distributed.zero import Zero, zero_state_bytes
 
-__all__ = ["Zero", "spawn"]
+__all__ = ["Zero", "spawn", "zero_state_bytes"]
 __all__ += ["GPTStage", "PipelineSchedule", "split_gpt"]
 __all__ += [
     "ColumnParallelLinear",

@@ -15,6 +15,7 @@ of each and runs the optimizer (torch's own, e.g. AdamW) on its shards only. The
 `memory_breakdown()` and `_Comm.bytes_moved`, so measured bytes match the formulas above exactly.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -296,6 +297,51 @@ class Zero:
                 for k, v in state.items()
             }
         self.optimizer.load_state_dict(sharded)
+
+
+def zero_state_bytes(
+    numels: Sequence[int],
+    *,
+    stage: int,
+    world_size: int,
+    rank: int = 0,
+    param_bytes: int = 4,
+    master_bytes: int = 0,
+    optimizer_bytes_per_param: int = 8,
+) -> dict[str, int]:
+    """The model-state bytes `Zero(...).memory_breakdown()` reports on `rank` once backward has made the
+    gradients and a step has made the optimizer state, for trainable tensors of `numels` elements: the table of
+    the module docstring (Sec. 5: 2Ψ + 2Ψ + KΨ split by stage). `param_bytes` per parameter and per gradient
+    (2 in mixed precision, 4 in fp32), `master_bytes` per fp32 master weight (4 in mixed precision, else 0),
+    `optimizer_bytes_per_param` (8 for Adam's fp32 m and v, 4 for SGD's momentum, 0 for plain SGD), so K =
+    master_bytes + optimizer_bytes_per_param. Each tensor is padded to a multiple of N as `Zero` pads it. Keys:
+    params, grads, master, optimizer (what the rank holds, padding included) and the padding bytes of each
+    under `padding_<key>`."""
+    check_one_of("stage", check_int("stage", stage), STAGES)
+    check_int("world_size", world_size, low=1)
+    check_int("rank", rank, low=0, high=world_size, high_open=True)
+    check_one_of("param_bytes", param_bytes, (2, 4))
+    check_one_of("master_bytes", master_bytes, (0, 4))
+    check_int("optimizer_bytes_per_param", optimizer_bytes_per_param, low=0)
+    out = dict.fromkeys(["params", "grads", "master", "optimizer"], 0)
+    out.update(dict.fromkeys(["padding_params", "padding_grads", "padding_master", "padding_optimizer"], 0))
+
+    def add(key: str, held: int, real: int, per: int) -> None:
+        out[key] += held * per
+        out[f"padding_{key}"] += (held - real) * per
+
+    for n in numels:
+        check_int("numels[i]", n, low=1)
+        shard = -(-n // world_size) if stage > 0 else n  # elements of this rank's shard
+        real = min(max(n - rank * shard, 0), shard) if stage else n  # the tensor's own elements, not padding
+        if stage == 3:
+            add("params", shard, real, param_bytes)
+        else:  # the whole (padded) flat tensor
+            add("params", shard * world_size if stage else n, n, param_bytes)
+        add("grads", *((shard, real) if stage >= 2 else (n, n)), param_bytes)
+        add("master", shard, real, master_bytes)
+        add("optimizer", shard, real, optimizer_bytes_per_param)
+    return out
 
 
 def _nbytes(t: torch.Tensor | None) -> int:

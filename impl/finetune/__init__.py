@@ -9,7 +9,7 @@ from impl.finetune.lora import (
     trainable_parameters,
     unmerge_lora,
 )
-from impl.finetune.nf4 import NF4_CODE, quantize_nf4
+from impl.finetune.nf4 import NF4_CODE, nf4_storage_bytes, quantize_nf4
 from impl.finetune.qlora import Linear4bit, apply_qlora
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "apply_qlora",
     "load_adapter",
     "merge_lora",
+    "nf4_storage_bytes",
     "quantize_nf4",
     "save_adapter",
     "trainable_parameters",

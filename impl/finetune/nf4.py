@@ -203,3 +203,18 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     offset = absmax.mean()
     qabsmax, scale = _quantize_8bit(absmax - offset, ABSMAX_BLOCKSIZE)
     return NF4Tensor(packed, qabsmax, w.shape, w.dtype, blocksize, absmax_scale=scale, absmax_offset=offset)
+
+
+def nf4_storage_bytes(numel: int, blocksize: int = 64, double_quant: bool = False) -> int:
+    """Exact bytes `quantize_nf4` stores for a tensor of `numel` values (`NF4Tensor.nbytes`), section 3 of the
+    paper: ceil(numel / 2) bytes of packed 4-bit codes, one constant per block of `blocksize` (a partial last
+    block keeps its own): fp32, or with double quantization (Eq. 6) a uint8 code per block plus one fp32 scale
+    per 256 constants and the one fp32 mean. In the limit this is `expected_bits_per_param` / 8 per value."""
+    if not is_int(numel) or numel < 1:
+        raise ValueError(f"numel must be a positive int, got {numel!r}")
+    if not is_int(blocksize) or blocksize < 2 or blocksize % 2:
+        raise ValueError(f"blocksize must be an even int >= 2 (bitsandbytes: 32..4096), got {blocksize!r}")
+    check_bool("double_quant", double_quant)
+    blocks = -(-numel // blocksize)
+    constants = blocks + 4 * -(-blocks // ABSMAX_BLOCKSIZE) + 4 if double_quant else 4 * blocks
+    return -(-numel // 2) + constants

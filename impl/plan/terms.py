@@ -1,0 +1,246 @@
+"""The per-device memory of one training step or one decoding step, term by term, composed from the formulas
+that live next to each technique:
+
+    weights, lora_weights, gradients,     impl.distributed.zero_state_bytes (Rajbhandari et al. 2020, sec. 5:
+    fp32_master, optimizer_states,        2 + 2 + K bytes per parameter split by ZeRO stage, each tensor padded
+    padding                               to a multiple of the data-parallel ranks; padding is its own term)
+    nf4_codes_scales                      impl.finetune.nf4_storage_bytes (Dettmers et al. 2023, sec. 3)
+    activations_saved, recompute_peak     impl.memory.model_saved_bytes (op by op, Korthikanti et al. 2022
+                                          sec. 4.1; checkpointing: Chen et al. 2016 sec. 4.1)
+    pipeline_in_flight                    micro-batches a stage holds at once (GPipe: m; 1F1B: p - s;
+                                          Narayanan et al. 2021 sec. 2.2.1)
+    kv_cache                              impl.generation.kv_cache_bytes (Pope et al. 2022 sec. 2)
+    temporary_peak                        the largest transient: the loss's logits and their gradient in
+                                          training, the logits and one layer's attention inputs in decoding
+
+The model-state terms are what the device holds after a step (the gradients kept, as with gradient
+accumulation); the total is their sum with the activations and the transient: the per-device peak.
+"""
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from impl.common.checks import check_int
+from impl.distributed import zero_state_bytes
+from impl.finetune import nf4_storage_bytes
+from impl.generation import kv_cache_bytes
+from impl.memory import BLOCK_LINEARS, model_saved_bytes
+from impl.plan.setup import Setup
+from impl.plan.shapes import ModelShape, ParamTensor, check_tp, stage_layers, tensors
+
+TERMS = (
+    "weights",
+    "nf4_codes_scales",
+    "lora_weights",
+    "gradients",
+    "fp32_master",
+    "optimizer_states",
+    "activations_saved",
+    "recompute_peak",
+    "pipeline_in_flight",
+    "kv_cache",
+    "temporary_peak",
+    "padding",
+)
+MODEL_STATES = ("weights", "nf4_codes_scales", "lora_weights", "gradients", "fp32_master", "optimizer_states",
+                "kv_cache", "padding")  # fmt: skip
+DEFAULT_TARGETS = {"gpt": ("c_attn",), "llama": ("q_proj", "v_proj")}
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_POLICY = {"none": "none", "every": "every", "every-k": "every_k", "sqrt": "sqrt"}
+_BLOCK_8BIT = 2048  # bitsandbytes' 8-bit optimizer block (Dettmers et al. 2022, "8-bit Optimizers", sec. 2)
+
+
+@dataclass
+class Plan:
+    shape: ModelShape
+    setup: Setup
+    terms: dict[str, int]  # per-device bytes by term; keys from TERMS, zeros kept
+    total: int  # sum of terms: the per-device peak estimate
+    stage: int = 0  # the pipeline stage these bytes are for (the largest one)
+    details: dict[str, int] = field(default_factory=dict)  # ZeRO padding per state, trainable numel...
+
+    def fits(self, device_bytes: int) -> bool:
+        return self.total <= check_int("device_bytes", device_bytes, low=1)
+
+
+def _matches(name: str, targets: tuple[str, ...]) -> bool:
+    module = name.rsplit(".", 1)[0]
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def _targets(shape: ModelShape, setup: Setup) -> tuple[str, ...]:
+    return setup.lora_targets or DEFAULT_TARGETS[shape.family]
+
+
+def _lora_tensors(shape: ModelShape, setup: Setup, held: list[ParamTensor]) -> list[int]:
+    """Numels of the adapters (A: r x in, B: out x r) on the targeted linears this device holds."""
+    targets, r = _targets(shape, setup), setup.lora_rank
+    linears = [t for t in held if t.linear and _matches(t.name, targets)]
+    if not linears and any(t.linear for t in held):
+        names = sorted({t.name.split(".", 3)[-1].rsplit(".", 1)[0] for t in held if t.linear})
+        raise ValueError(f"lora_targets {targets} match no linear of {shape.name}; its linears are {names}")
+    return [n for t in linears for n in (r * t.shape[1], t.shape[0] * r)]
+
+
+def _optimizer_bytes(setup: Setup) -> int:
+    """Bytes of optimizer state per trainable parameter: Adam's m and v, SGD's momentum, in the master dtype."""
+    state = 4 if setup.mixed_precision or setup.trainable_bytes == 4 else setup.itemsize
+    return {"adamw": 2 * state, "sgd": 0, "sgd-momentum": state, "adamw-8bit": 2}[setup.optimizer]
+
+
+def _block_lora(shape: ModelShape, setup: Setup) -> dict[str, int]:
+    if setup.finetune == "full":
+        return {}
+    return {n: setup.lora_rank for n in BLOCK_LINEARS[shape.family] if _matches(n + ".weight", _targets(shape, setup))}
+
+
+def _activations(shape: ModelShape, setup: Setup, stage: int) -> dict[str, int]:
+    layers = stage_layers(shape.num_layers, setup.pp, stage)
+    kept, replay = model_saved_bytes(
+        shape.family,
+        n_layers=len(layers),
+        vocab=-(-shape.vocab_size // setup.tp) if setup.tp > 1 else shape.vocab_size,
+        batch=setup.micro_batch,
+        seq=setup.seq_len,
+        hidden=shape.hidden_size,
+        heads=shape.num_heads // setup.tp,
+        kv_heads=shape.num_kv_heads // setup.tp,
+        head_dim=shape.head_dim,
+        intermediate=shape.intermediate_size // setup.tp,
+        itemsize=setup.itemsize,
+        trainable=setup.finetune == "full",
+        lora=_block_lora(shape, setup),
+        dropout=setup.dropout,
+        policy=_POLICY[setup.checkpointing],
+        k=setup.checkpoint_every if setup.checkpointing == "every-k" else None,
+        first=stage == 0,
+        last=stage == setup.pp - 1,
+    )
+    in_flight = 1
+    if setup.pp > 1:
+        m = setup.micro_batches
+        in_flight = m if setup.schedule == "gpipe" else min(setup.pp - stage, m)
+    tokens = setup.micro_batch * setup.seq_len
+    logits = tokens * -(-shape.vocab_size // setup.tp) * setup.itemsize if stage == setup.pp - 1 else 0
+    return {
+        "activations_saved": kept,
+        "recompute_peak": replay,
+        "pipeline_in_flight": (in_flight - 1) * kept,
+        "temporary_peak": 2 * logits + tokens * shape.hidden_size * setup.itemsize,
+    }
+
+
+def _train_terms(shape: ModelShape, setup: Setup, stage: int, rank: int) -> tuple[dict[str, int], dict[str, int]]:
+    held = tensors(shape, tp=setup.tp, pp=setup.pp, stage=stage)
+    terms = dict.fromkeys(TERMS, 0)
+    if setup.finetune == "full":
+        trainable = [t.numel for t in held]
+    else:
+        trainable = _lora_tensors(shape, setup, held)
+        quantized = [t for t in held if t.linear] if setup.finetune == "qlora" else []
+        terms["weights"] = sum(t.numel for t in held if t not in quantized) * setup.itemsize
+        terms["nf4_codes_scales"] = sum(
+            nf4_storage_bytes(t.numel, setup.nf4_block_size, setup.double_quant) for t in quantized
+        )
+    zero = zero_state_bytes(
+        trainable,
+        stage=setup.zero_stage,
+        world_size=setup.dp,
+        rank=rank,
+        param_bytes=setup.trainable_bytes,
+        master_bytes=4 if setup.mixed_precision else 0,
+        optimizer_bytes_per_param=_optimizer_bytes(setup),
+    )
+    terms["weights" if setup.finetune == "full" else "lora_weights"] = zero["params"] - zero["padding_params"]
+    terms["gradients"] = zero["grads"] - zero["padding_grads"]
+    terms["fp32_master"] = zero["master"] - zero["padding_master"]
+    terms["optimizer_states"] = zero["optimizer"] - zero["padding_optimizer"]
+    if setup.optimizer == "adamw-8bit":  # one fp32 absmax per block of each of the two states
+        shards = trainable if setup.zero_stage == 0 else [-(-n // setup.dp) for n in trainable]
+        terms["optimizer_states"] += sum(2 * 4 * -(-n // _BLOCK_8BIT) for n in shards)
+    terms["padding"] = sum(zero[k] for k in zero if k.startswith("padding_"))
+    terms.update(_activations(shape, setup, stage))
+    details = {k: v for k, v in zero.items() if k.startswith("padding_")}
+    details["trainable_numel"] = sum(trainable)
+    return terms, details
+
+
+def _inference_terms(shape: ModelShape, setup: Setup) -> dict[str, int]:
+    check_tp(shape, setup.tp)
+    held = tensors(shape, tp=setup.tp)
+    terms = dict.fromkeys(TERMS, 0)
+    quantized = [t for t in held if t.linear] if setup.finetune == "qlora" else []
+    terms["weights"] = sum(t.numel for t in held if t not in quantized) * setup.itemsize
+    terms["nf4_codes_scales"] = sum(nf4_storage_bytes(t.numel, setup.nf4_block_size, setup.double_quant)
+                                    for t in quantized)  # fmt: skip
+    dtype = _TORCH_DTYPES[setup.dtype]
+    kv_heads = shape.num_kv_heads // setup.tp
+    terms["kv_cache"] = kv_cache_bytes(layers=shape.num_layers, batch=setup.kv_batch, kv_heads=kv_heads,
+                                       max_tokens=setup.kv_len, head_dim=shape.head_dim, dtype=dtype,
+                                       quantized=setup.kv_int8)  # fmt: skip
+    # One decode step: the logits of the new tokens, and with an int8 cache one layer's keys and values
+    # dequantized for attention.
+    logits = setup.kv_batch * -(-shape.vocab_size // setup.tp) * setup.itemsize
+    dequantized = 2 * setup.kv_batch * kv_heads * setup.kv_len * shape.head_dim * setup.itemsize
+    terms["temporary_peak"] = logits + (dequantized if setup.kv_int8 else 0)
+    return terms
+
+
+def plan(shape: ModelShape, setup: Setup, *, stage: int | None = None, rank: int = 0) -> Plan:
+    """Per-device bytes by term for `shape` under `setup`: for pipeline stage `stage` (default: the stage with
+    the largest total) and data-parallel rank `rank` (ZeRO's padding sits on the last ranks' shards)."""
+    if not isinstance(shape, ModelShape):
+        raise TypeError(f"shape must be a ModelShape (see model_shape()), got {type(shape).__name__}")
+    if not isinstance(setup, Setup):
+        raise TypeError(f"setup must be a Setup, got {type(setup).__name__}")
+    check_tp(shape, setup.tp)
+    if setup.pp > shape.num_layers:
+        raise ValueError(f"pp must be at most num_layers={shape.num_layers}, got {setup.pp}")
+    check_int("rank", rank, low=0, high=setup.dp, high_open=True)
+    if setup.mode == "inference":
+        terms = _inference_terms(shape, setup)
+        return Plan(shape, setup, terms, sum(terms.values()))
+    stages = range(setup.pp) if stage is None else [check_int("stage", stage, low=0, high=setup.pp, high_open=True)]
+    best = None
+    for s in stages:
+        terms, details = _train_terms(shape, setup, s, rank)
+        candidate = Plan(shape, setup, terms, sum(terms.values()), s, details)
+        if best is None or candidate.total > best.total:
+            best = candidate
+    return best
+
+
+def levers(shape: ModelShape, setup: Setup, device_bytes: int) -> list[tuple[str, int]]:
+    """The single changes that cut the per-device total most, largest saving first: (what, bytes saved)."""
+    check_int("device_bytes", device_bytes, low=1)
+    now = plan(shape, setup).total
+    options = []
+    if setup.mode == "train":
+        if setup.zero_stage < 3:
+            world = setup.world_size if setup.dp > 1 else 8 * setup.tp * setup.pp
+            options.append((f"ZeRO-3 (world {world})", replace(setup, zero_stage=3, world_size=world)))
+        if setup.checkpointing != "sqrt":
+            options.append(("sqrt checkpointing", replace(setup, checkpointing="sqrt")))
+        if setup.finetune == "full":
+            options.append(("LoRA r=16", replace(setup, finetune="lora", lora_rank=16)))
+        if setup.finetune != "qlora":
+            options.append(("QLoRA", replace(setup, finetune="qlora", lora_rank=setup.lora_rank)))
+        if setup.dtype == "float32":
+            options.append(("bf16 mixed precision", replace(setup, dtype="bfloat16", mixed_precision=True)))
+        if setup.micro_batch > 1:
+            options.append(("micro-batch 1", replace(setup, micro_batch=1)))
+    else:
+        if not setup.kv_int8:
+            options.append(("int8 KV cache", replace(setup, kv_int8=True)))
+        if setup.finetune != "qlora":
+            options.append(("NF4 weights", replace(setup, finetune="qlora")))
+    saved = []
+    for name, other in options:
+        try:
+            gain = now - plan(shape, other).total
+        except ValueError:
+            continue  # a lever this shape cannot take (heads that do not divide...)
+        if gain > 0:
+            saved.append((name, gain))
+    return sorted(saved, key=lambda item: -item[1])
