@@ -299,6 +299,13 @@ def test_update_wrong_shapes(quantized, k_shape, v_shape, match):
         cache.update(0, 0, torch.zeros(k_shape), torch.zeros(v_shape))
 
 
-def test_quantize_refuses_integer_input():
-    with pytest.raises(ValueError, match=r"dtype must be one of .* got torch.int8"):
+def test_quantize_and_dequantize_bad_input():
+    with pytest.raises(ValueError, match=r"x must be a floating-point tensor, got torch.int8"):
         quantize_int8(torch.zeros(2, 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"dtype must be one of .* got torch.int8"):
+        quantize_int8(torch.zeros(2, 8), torch.int8)
+    codes, scale = quantize_int8(torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"codes must have dtype torch.int8, got torch.float32"):
+        dequantize_int8(codes.float(), scale, torch.float32)
+    with pytest.raises(ValueError, match=r"scale must have shape \(2, 1\), got shape \(1, 2\)"):
+        dequantize_int8(codes, scale.T, torch.float32)
