@@ -97,6 +97,22 @@ def test_bytes_measured_equal_the_formula(dtype, sizes, quantized):
     assert formula == vectors * (head_dim + element if quantized else head_dim * element)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_step_transient_is_one_layers_dequantized_kv(dtype):
+    """A decode update allocates exactly the dequantized keys and values of its layer's filled slots (the
+    transient impl.plan adds for the int8 cache); the fp cache's update allocates nothing (views)."""
+    batch, heads, max_tokens, head_dim = 2, 3, 40, 16
+    for quantized, expected in [(True, 2 * batch * heads * max_tokens * head_dim * dtype.itemsize), (False, 0)]:
+        cache = KVCache(layers=1, batch=batch, kv_heads=heads, max_tokens=max_tokens, head_dim=head_dim, dtype=dtype,
+                        quantized=quantized)  # fmt: skip
+        k = torch.randn(batch, heads, max_tokens, head_dim, dtype=dtype)
+        cache.update(0, 0, k[:, :, :-1], k[:, :, :-1])
+        with MemoryMeter("cpu") as mem:
+            keys, values = cache.update(0, max_tokens - 1, k[:, :, -1:], k[:, :, -1:])
+        assert mem.peak == mem.current == expected
+        assert keys.dtype == values.dtype == dtype and keys.shape == (batch, heads, max_tokens, head_dim)
+
+
 def test_int8_is_half_of_bf16_plus_the_scales():
     """head_dim 64, bf16 scales: 1 + 2/64 bytes per element against 2, i.e. exactly 66/128 of the bf16 cache."""
     shape = dict(layers=4, batch=2, kv_heads=8, max_tokens=100, head_dim=64)

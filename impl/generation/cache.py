@@ -49,8 +49,8 @@ def _quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     return codes, scale
 
 
-def _dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return codes.to(dtype) * scale
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.mul(codes, scale)  # int8 x float promotes to the scale's dtype: one pass, one new tensor
 
 
 def quantize_int8(x: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +64,7 @@ def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     """codes * scale in `dtype` (the product rounded once, to the dtype)."""
     check_tensor("codes", codes, dtype=torch.int8)
     check_tensor("scale", scale, shape=(*codes.shape[:-1], 1))
-    return _dequantize(codes, scale.to(_check_dtype(dtype)), dtype)
+    return _dequantize(codes, scale.to(_check_dtype(dtype)))
 
 
 def kv_cache_bytes(
@@ -169,6 +169,6 @@ class KVCache:
         keys[:, :, start:end], key_scales[:, :, start:end] = _quantize(k, self.dtype)
         values[:, :, start:end], value_scales[:, :, start:end] = _quantize(v, self.dtype)
         return (
-            _dequantize(keys[:, :, :end], key_scales[:, :, :end], self.dtype),
-            _dequantize(values[:, :, :end], value_scales[:, :, :end], self.dtype),
+            _dequantize(keys[:, :, :end], key_scales[:, :, :end]),
+            _dequantize(values[:, :, :end], value_scales[:, :, :end]),
         )
