@@ -124,6 +124,7 @@ class ContinuousBatcher:
         self.running: list[_Request] = []  # in admission order: the last one is the youngest
         self.finished: dict[int, Completion] = {}
         self.steps = self.preemptions = self.peak_used_blocks = 0
+        self.peak_fragmentation = 0.0  # the cache's fragmentation at the step that held the most blocks
         self.last_batch: list[tuple[int, int, int]] = []  # the last step's (request id, cached tokens, new tokens)
         self._next_id = 0
 
@@ -203,13 +204,14 @@ class ContinuousBatcher:
         scheduled = self._schedule()
         if not scheduled:
             return []
-        self.peak_used_blocks = max(self.peak_used_blocks, self.cache.used_blocks)
         device = self.model.lm_head.weight.device
         segments = [(self.cache.lengths[r.id], len(feed)) for r, feed in scheduled]
         self.last_batch = [(r.id, cached, new) for (r, _), (cached, new) in zip(scheduled, segments, strict=True)]
         ids = torch.tensor([t for _, feed in scheduled for t in feed], device=device)[None]  # (1, T)
         positions = torch.cat([torch.arange(cached, cached + new) for cached, new in segments]).to(device)[None]
         self.cache.prepare([(r.id, len(feed)) for r, feed in scheduled])
+        if self.cache.used_blocks > self.peak_used_blocks:
+            self.peak_used_blocks, self.peak_fragmentation = self.cache.used_blocks, self.cache.fragmentation
         logits = self.model(ids, positions, cache=self.cache, attention_mask=packed_causal_mask(segments, device))
         last = torch.tensor([len(feed) for _, feed in scheduled]).cumsum(0) - 1
         next_tokens = logits[0, last.to(device)].argmax(dim=-1).tolist()  # greedy
