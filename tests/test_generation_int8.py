@@ -31,7 +31,7 @@ CONFIG = dict(
 )  # fmt: skip
 BOUND = 8.0  # int8-cache logit error <= BOUND x the bf16-rounded cache's (module docstring)
 PROMPTS, PROMPT_LEN, NEW_TOKENS = 8, 8, 48
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
 # --- quantize / dequantize ---------------------------------------------------------------------------------------
@@ -46,10 +46,10 @@ def _round_trip_violations(x: torch.Tensor, codes: torch.Tensor, scale: torch.Te
 
 @settings(max_examples=60, deadline=None)
 @given(
-    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
     rows=st.integers(1, 6),
     head_dim=st.integers(1, 80),
-    magnitude=st.sampled_from([0.0, 1e-30, 1e-6, 1.0, 3e3]),
+    magnitude=st.sampled_from([0.0, 1e-300, 1e-30, 1e-6, 1.0, 3e3]),
     seed=st.integers(0, 2**16),
 )
 def test_round_trip_is_within_half_a_step(dtype, rows, head_dim, magnitude, seed):

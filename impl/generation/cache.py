@@ -14,7 +14,7 @@ applied per vector as in their vector-wise quantization, sec. 3.1; per token as 
 does for values):
 
     s = max_i |x_i| / 127  (rounded to the compute dtype, at least its smallest normal number)
-    q_i = clamp(round(x_i / s), -127, 127)  as int8, round half to even, x / s computed in float32
+    q_i = clamp(round(x_i / s), -127, 127)  as int8, round half to even, x / s in float32 (float64 for fp64)
     x_i ~ q_i * s,   |x_i - q_i * s| <= s / 2
 
 so nbytes = 2 x layers x kv_heads x max_tokens x batch x (head_dim + bytes of the scale), the scale kept in the
@@ -43,9 +43,10 @@ def _check_dtype(dtype: object) -> torch.dtype:
 
 
 def _quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    work = torch.float64 if torch.float64 in (x.dtype, dtype) else torch.float32  # the arithmetic's dtype
     tiny = torch.finfo(dtype).tiny  # the smallest normal number: a zero vector gets codes 0 and a finite scale
-    scale = (x.abs().amax(dim=-1, keepdim=True).float() / 127).clamp_min(tiny).to(dtype)
-    codes = torch.round(x.float() / scale.float()).clamp_(-127, 127).to(torch.int8)
+    scale = (x.abs().amax(dim=-1, keepdim=True).to(work) / 127).clamp_min(tiny).to(dtype)
+    codes = torch.round(x.to(work) / scale.to(work)).clamp_(-127, 127).to(torch.int8)
     return codes, scale
 
 
