@@ -42,6 +42,11 @@ def _check_dtype(dtype: object) -> torch.dtype:
     return dtype
 
 
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        check_positive_int(name, value)
+
+
 def _quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     work = torch.float64 if torch.float64 in (x.dtype, dtype) else torch.float32  # the arithmetic's dtype
     tiny = torch.finfo(dtype).tiny  # the smallest normal number: a zero vector gets codes 0 and a finite scale
@@ -86,14 +91,7 @@ def kv_cache_bytes(
     1 + bytes(dtype) / head_dim bytes per element: with bf16/fp16 scales and head_dim 64, 1 + 2/64 = 1.03125
     against 2 for the bf16 cache (51.6%); with fp32 scales, 1 + 4/64 against 4 (26.6%).
     """
-    for name, value in (
-        ("layers", layers),
-        ("batch", batch),
-        ("kv_heads", kv_heads),
-        ("max_tokens", max_tokens),
-        ("head_dim", head_dim),
-    ):
-        check_positive_int(name, value)
+    _check_sizes(layers=layers, batch=batch, kv_heads=kv_heads, max_tokens=max_tokens, head_dim=head_dim)
     size = torch.empty(0, dtype=_check_dtype(dtype)).element_size()
     vectors = 2 * layers * batch * kv_heads * max_tokens
     per_vector = head_dim + size if check_bool("quantized", quantized) else head_dim * size
@@ -120,14 +118,7 @@ class KVCache:
         device: str | torch.device = "cpu",
         quantized: bool = False,
     ):
-        for name, value in (
-            ("layers", layers),
-            ("batch", batch),
-            ("kv_heads", kv_heads),
-            ("max_tokens", max_tokens),
-            ("head_dim", head_dim),
-        ):
-            check_positive_int(name, value)
+        _check_sizes(layers=layers, batch=batch, kv_heads=kv_heads, max_tokens=max_tokens, head_dim=head_dim)
         self.dtype = _check_dtype(dtype)
         self.quantized = check_bool("quantized", quantized)
         self.max_tokens, self.head_dim = max_tokens, head_dim
