@@ -27,6 +27,10 @@ ENTRY_POINTS: dict[str, tuple[str, str]] = {
     "glide": ("impl.diffusion.glide", "train GLIDE on the digits; accuracy by guidance scale (CLIP guidance too)"),
     "unclip": ("impl.diffusion.unclip", "train DALL-E 2's prior and decoder on a frozen CLIP; samples, variations"),
     "lora-toy": ("impl.finetune.lora_toy", "the LoRA teaching toy: a rank-2 update recovers a shifted MLP"),
+    "plan": (
+        "impl.plan.__main__",
+        "will it fit: per-device bytes by term for a model and a technique mix against a device's memory",
+    ),
 }
 
 

@@ -81,6 +81,13 @@ TABLE = {
         **dict.fromkeys(["--pretrain-lr", "--finetune-lr", "--alpha"], "pos_float"),
         "--teacher-bias": "nonneg_float", "--seed": "nonneg_int",
     }, {"--quiet"}),
+    "plan": (["gpt2", "--device-memory", "24GiB"], {
+        **dict.fromkeys(["--lora-rank", "--nf4-block-size", "--world-size", "--tp", "--pp", "--micro-batches",
+                         "--checkpoint-every", "--seq-len", "--micro-batch", "--kv-len", "--kv-batch"], "pos_int"),
+        "--config-json": "in_file", "--out": "out_dir",
+    }, {"--inference", "--dtype", "--mixed-precision", "--finetune", "--lora-targets", "--double-quant",
+        "--no-double-quant", "--optimizer", "--zero-stage", "--schedule", "--checkpointing", "--packing", "--dropout",
+        "--kv-int8", "--device-memory", "--device", "--sweep", "--json"}),
 }  # fmt: skip
 # The report CLIs (impl/report, not these entry points' owner) find an unwritable -o only when writing, and name
 # the path, not the option; strict, so the mark goes when they check it up front.
