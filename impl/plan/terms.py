@@ -95,39 +95,67 @@ def _block_lora(shape: ModelShape, setup: Setup) -> dict[str, int]:
     return {n: setup.lora_rank for n in BLOCK_LINEARS[shape.family] if _matches(n + ".weight", _targets(shape, setup))}
 
 
-def _activations(shape: ModelShape, setup: Setup, stage: int) -> dict[str, int]:
+def _activations(shape: ModelShape, setup: Setup, stage: int, trainable: list[int], quantized: list[int]) -> dict:
     layers = stage_layers(shape.num_layers, setup.pp, stage)
-    kept, replay = model_saved_bytes(
-        shape.family,
-        n_layers=len(layers),
-        vocab=-(-shape.vocab_size // setup.tp) if setup.tp > 1 else shape.vocab_size,
+    tp, s = setup.tp, setup.itemsize
+    vocab = -(-shape.vocab_size // tp) if tp > 1 else shape.vocab_size
+    common = dict(
         batch=setup.micro_batch,
         seq=setup.seq_len,
         hidden=shape.hidden_size,
-        heads=shape.num_heads // setup.tp,
-        kv_heads=shape.num_kv_heads // setup.tp,
+        heads=shape.num_heads // tp,
+        kv_heads=shape.num_kv_heads // tp,
         head_dim=shape.head_dim,
-        intermediate=shape.intermediate_size // setup.tp,
-        itemsize=setup.itemsize,
+        intermediate=shape.intermediate_size // tp,
+        itemsize=s,
         trainable=setup.finetune == "full",
         lora=_block_lora(shape, setup),
+        lora_itemsize=setup.trainable_bytes,
         dropout=setup.dropout,
+        packing=setup.packing,
+    )
+    kept, replay = model_saved_bytes(
+        shape.family,
+        n_layers=len(layers),
+        vocab=vocab,
         policy=_POLICY[setup.checkpointing],
         k=setup.checkpoint_every if setup.checkpointing == "every-k" else None,
         first=stage == 0,
         last=stage == setup.pp - 1,
+        vocab_parallel=tp > 1,
+        **common,
     )
     in_flight = 1
     if setup.pp > 1:
         m = setup.micro_batches
         in_flight = m if setup.schedule == "gpipe" else min(setup.pp - stage, m)
     tokens = setup.micro_batch * setup.seq_len
-    logits = tokens * -(-shape.vocab_size // setup.tp) * setup.itemsize if stage == setup.pp - 1 else 0
+    # The transients on top of what is kept, at the moments the peak can fall on:
+    # - the loss: the log-softmax output and its gradient (GPT: compute dtype; Llama: the fp32 loss);
+    #   under tensor parallelism the vocab-parallel loss's fp32 logits, exponentials and softmax;
+    loss = 2 * tokens * vocab * (s if shape.family == "gpt" else 4) if stage == setup.pp - 1 else 0
+    loss = 3 * tokens * vocab * 4 if tp > 1 and stage == setup.pp - 1 else loss
+    # - a QLoRA matmul: one weight dequantized (fp32 levels, fp32 product, compute-dtype copy);
+    dequant = max(quantized, default=0) * (8 + s)
+    # - a checkpointed segment's backward: its replayed activations (less its input, kept already), the gradient
+    #   of its widest activation, and QLoRA's dequantized weight;
+    widest = tokens * (shape.intermediate_size // tp) * s - tokens * shape.hidden_size * s
+    segment = replay + widest + dequant if replay else 0
+    # - the optimizer step, once the activations are gone: mixed precision's fp32 copy of every gradient shard,
+    #   and the per-tensor temporaries of torch's single-tensor AdamW / SGD.
+    shards = [n if setup.zero_stage == 0 else -(-n // setup.dp) for n in trainable]
+    step = (4 * sum(shards) if setup.mixed_precision else 0) + 2 * 4 * max(shards, default=0)
+    # - on a pipeline stage that is not the last, a block's backward while the in-flight micro-batches are kept:
+    #   the gradients of its widest activation and of its output, the received gradient and the stashed outputs.
+    last = stage == setup.pp - 1
+    hidden = tokens * shape.hidden_size * s
+    block = 0 if last else 2 * tokens * (shape.intermediate_size // tp) * s + hidden + in_flight * hidden
+    extra = max(loss, dequant, segment, block, step - in_flight * kept)
     return {
         "activations_saved": kept,
         "recompute_peak": replay,
         "pipeline_in_flight": (in_flight - 1) * kept,
-        "temporary_peak": 2 * logits + tokens * shape.hidden_size * setup.itemsize,
+        "temporary_peak": max(0, extra - replay),
     }
 
 
@@ -160,7 +188,8 @@ def _train_terms(shape: ModelShape, setup: Setup, stage: int, rank: int) -> tupl
         shards = trainable if setup.zero_stage == 0 else [-(-n // setup.dp) for n in trainable]
         terms["optimizer_states"] += sum(2 * 4 * -(-n // _BLOCK_8BIT) for n in shards)
     terms["padding"] = sum(zero[k] for k in zero if k.startswith("padding_"))
-    terms.update(_activations(shape, setup, stage))
+    quantized = [t.numel for t in held if t.linear] if setup.finetune == "qlora" else []
+    terms.update(_activations(shape, setup, stage, trainable, quantized))
     details = {k: v for k, v in zero.items() if k.startswith("padding_")}
     details["trainable_numel"] = sum(trainable)
     return terms, details
@@ -181,9 +210,12 @@ def _inference_terms(shape: ModelShape, setup: Setup) -> dict[str, int]:
                                        quantized=setup.kv_int8)  # fmt: skip
     # One decode step: the logits of the new tokens, and with an int8 cache one layer's keys and values
     # dequantized for attention.
-    logits = setup.kv_batch * -(-shape.vocab_size // setup.tp) * setup.itemsize
-    dequantized = 2 * setup.kv_batch * kv_heads * setup.kv_len * shape.head_dim * setup.itemsize
-    terms["temporary_peak"] = logits + (dequantized if setup.kv_int8 else 0)
+    s, heads = setup.itemsize, shape.num_heads // setup.tp
+    logits = setup.kv_batch * -(-shape.vocab_size // setup.tp) * s
+    scores = setup.kv_batch * heads * setup.kv_len * s
+    qkv = setup.kv_batch * (heads + 2 * kv_heads) * shape.head_dim * s
+    dequantized = 2 * setup.kv_batch * kv_heads * setup.kv_len * shape.head_dim * s if setup.kv_int8 else 0
+    terms["temporary_peak"] = logits + scores + qkv + dequantized
     return terms
 
 
