@@ -39,6 +39,11 @@ BAD = {
     ),
     "top-k": (dict(max_new_tokens=3, temperature=1.0, top_k=0), "top_k must be a positive int, got 0"),
     "max-new-tokens": (dict(max_new_tokens=0), "max_new_tokens must be a positive int, got 0"),
+    "compile-not-bool": (dict(max_new_tokens=3, compile=1), "compile must be a bool, got 1"),
+    "compile-without-cache": (
+        dict(max_new_tokens=3, compile=True, use_cache=False),
+        "compile=True compiles the cached decode step; it needs use_cache=True, got use_cache=False",
+    ),
 }
 
 
@@ -95,3 +100,15 @@ def test_start_without_cache(model):
 def test_forward_shapes(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         model(IDS, **kwargs)
+
+
+def test_compile_refuses_the_triton_backend_before_any_work():
+    model = Llama(LlamaConfig(**{**CONFIG.__dict__, "attention_backend": "triton"}))
+    with pytest.raises(ValueError, match="compile=True attends over every cache slot under a dense mask.*got 'triton'"):
+        generate(model, IDS, max_new_tokens=2, compile=True)
+
+
+def test_slots_beyond_the_rope_tables(model):
+    # The RoPE tables hold max_position_embeddings=20 rows: slots [18, 23) have no row for 20, 21, 22.
+    with pytest.raises(ValueError, match=r"slots \[18, 23\) must lie below max_position_embeddings=20"):
+        model(IDS, cache=model.new_cache(2, 23), start=18)

@@ -213,7 +213,9 @@ class _StaticStep:
                 torch._dynamo.mark_static_address(t)
         if device.type not in _COMPILED:
             kwargs = {"mode": "reduce-overhead"} if device.type == "cuda" else {}
-            _COMPILED[device.type] = torch.compile(_static_decode, fullgraph=True, **kwargs)
+            # One graph, no breaks (tests/test_generation_compile.py counts them); not fullgraph=True, which
+            # would turn a caller's TorchDispatchMode (a memory meter) into an error instead of an eager run.
+            _COMPILED[device.type] = torch.compile(_static_decode, **kwargs)
         self.fn = _COMPILED[device.type]
 
     def __call__(self, token, position, cache, start: int, mask) -> torch.Tensor:
