@@ -26,72 +26,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from impl.common.memory import MemoryMeter
+from impl.plan.configs import BY_NAME, CONFIGS, DIMENSIONS, TINY, all_pairs, supported
 from impl.plan.setup import Setup
 from impl.plan.shapes import ModelShape
 from impl.plan.terms import DEFAULT_TARGETS
 
-TINY = {
-    "gpt": ModelShape("tiny-gpt", 61, 32, 4, 4, 4, 128, 8, True, "gelu", "layer", True, 32),
-    "llama": ModelShape("tiny-llama", 61, 32, 4, 4, 2, 48, 8, False, "swiglu", "rms", False, 64),
-}
-_BASE = dict(seq_len=32, micro_batch=2)
+__all__ = ["CONFIGS", "DIMENSIONS", "TINY", "all_pairs", "compare", "measure", "measure_all", "relative_error",
+           "supported"]  # fmt: skip
+
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _POLICY = {"every": "every", "every-k": "every_k", "sqrt": "sqrt"}
-
-
-def _c(model: str, name: str, **knobs) -> tuple[str, ModelShape, Setup]:
-    return f"{model}-{name}", TINY[model], Setup(**{**_BASE, **knobs})
-
-
-BF16, MIXED = dict(dtype="bfloat16"), dict(dtype="bfloat16", mixed_precision=True)
-CONFIGS: list[tuple[str, ModelShape, Setup]] = [
-    # world size 1: dtype x optimizer x finetune x checkpointing on both models
-    _c("gpt", "fp32-adamw"), _c("gpt", "bf16-adamw", **BF16), _c("gpt", "mixed-adamw", **MIXED),
-    _c("gpt", "fp32-sgd", optimizer="sgd"), _c("gpt", "fp32-sgdm", optimizer="sgd-momentum"),
-    _c("gpt", "bf16-sgdm", optimizer="sgd-momentum", **BF16),
-    _c("gpt", "fp32-every", checkpointing="every"), _c("gpt", "fp32-every2", checkpointing="every-k"),
-    _c("gpt", "fp32-sqrt", checkpointing="sqrt"), _c("gpt", "bf16-sqrt", checkpointing="sqrt", **BF16),
-    _c("gpt", "mixed-every", checkpointing="every", **MIXED), _c("gpt", "fp32-dropout", dropout=True),
-    _c("gpt", "fp32-packing", packing=True), _c("gpt", "lora-fp32", finetune="lora"),
-    _c("gpt", "lora-bf16", finetune="lora", **BF16), _c("gpt", "lora-mixed", finetune="lora", **MIXED),
-    _c("gpt", "lora-sqrt", finetune="lora", checkpointing="sqrt"),
-    _c("gpt", "lora-sgdm", finetune="lora", optimizer="sgd-momentum"),
-    _c("gpt", "lora-mlp", finetune="lora", lora_targets=("c_fc", "mlp.c_proj"), lora_rank=4),
-    _c("gpt", "qlora-bf16", finetune="qlora", **BF16),
-    _c("gpt", "qlora-fp32-nodq", finetune="qlora", double_quant=False, nf4_block_size=32),
-    _c("gpt", "qlora-every", finetune="qlora", checkpointing="every", **BF16),
-    _c("llama", "fp32-adamw"), _c("llama", "bf16-adamw", **BF16), _c("llama", "mixed-adamw", **MIXED),
-    _c("llama", "fp32-sgd", optimizer="sgd"), _c("llama", "fp32-every", checkpointing="every"),
-    _c("llama", "bf16-sqrt", checkpointing="sqrt", **BF16), _c("llama", "lora-fp32", finetune="lora"),
-    _c("llama", "lora-bf16-all", finetune="lora", lora_rank=4, **BF16,
-       lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
-    _c("llama", "qlora-bf16", finetune="qlora", **BF16), _c("llama", "qlora-mixed", finetune="qlora", **MIXED),
-    _c("llama", "qlora-sqrt", finetune="qlora", checkpointing="sqrt", **BF16),
-    _c("llama", "decode-fp32", mode="inference", kv_len=48, kv_batch=2),
-    _c("llama", "decode-bf16", mode="inference", kv_len=48, kv_batch=3, **BF16),
-    _c("llama", "decode-int8", mode="inference", kv_len=48, kv_batch=2, kv_int8=True, **BF16),
-    _c("llama", "decode-int8-fp32", mode="inference", kv_len=40, kv_batch=1, kv_int8=True),
-    # world size 2: ZeRO 1-3 (dp 2) with the other techniques, TP 2, PP 2
-    _c("gpt", "zero1-w2", zero_stage=1, world_size=2), _c("gpt", "zero2-w2-mixed", zero_stage=2, world_size=2, **MIXED),
-    _c("gpt", "zero3-w2", zero_stage=3, world_size=2), _c("gpt", "zero3-w2-lora", zero_stage=3, world_size=2,
-                                                             finetune="lora"),
-    _c("gpt", "zero1-w2-sqrt", zero_stage=1, world_size=2, checkpointing="sqrt"),
-    _c("gpt", "zero2-w2-sgdm", zero_stage=2, world_size=2, optimizer="sgd-momentum"),
-    _c("llama", "zero3-w2-mixed", zero_stage=3, world_size=2, **MIXED),
-    _c("llama", "zero2-w2-qlora", zero_stage=2, world_size=2, finetune="qlora", **BF16),
-    _c("gpt", "tp2", tp=2, world_size=2), _c("gpt", "tp2-every", tp=2, world_size=2, checkpointing="every"),
-    _c("gpt", "tp2-mixed", tp=2, world_size=2, **MIXED),
-    _c("gpt", "pp2-gpipe", pp=2, world_size=2, micro_batches=4, schedule="gpipe"),
-    _c("gpt", "pp2-1f1b", pp=2, world_size=2, micro_batches=4, schedule="1f1b"),
-    _c("gpt", "pp2-sgd", pp=2, world_size=2, micro_batches=2, optimizer="sgd"),
-    # world size 4: ZeRO over 4, and ZeRO over the data-parallel pairs of TP and PP
-    _c("gpt", "zero3-w4-mixed", zero_stage=3, world_size=4, **MIXED),
-    _c("gpt", "zero2-w4-every", zero_stage=2, world_size=4, checkpointing="every"),
-    _c("llama", "zero1-w4-lora", zero_stage=1, world_size=4, finetune="lora"),
-    _c("gpt", "tp2-dp2-zero1", tp=2, world_size=4, zero_stage=1),
-    _c("gpt", "pp2-dp2-zero1", pp=2, world_size=4, zero_stage=1, micro_batches=2),
-]  # fmt: skip
-BY_NAME = {name: (shape, setup) for name, shape, setup in CONFIGS}
 
 
 def build(shape: ModelShape, setup: Setup) -> torch.nn.Module:
@@ -330,3 +274,37 @@ def measure_all(names: list[str] | None = None, timeout_s: float = 120.0) -> dic
 def measure(name: str) -> dict[str, int]:
     """Measure one configuration of CONFIGS (see `measure_all`)."""
     return measure_all([name])[name]
+
+
+_PADDING = {"weights": "padding_params", "lora_weights": "padding_params", "gradients": "padding_grads",
+            "fp32_master": "padding_master", "optimizer_states": "padding_optimizer"}  # fmt: skip
+STATE_CHECKS = ("weights", "nf4_codes_scales", "lora_weights", "gradients", "fp32_master", "optimizer_states",
+                "kv_cache")  # fmt: skip
+
+
+def compare(name: str, measured: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """(predicted, measured) bytes per checked quantity of configuration `name`: each model state as the device
+    holds it (ZeRO's padding on this rank included, as `memory_breakdown` counts it), `activations` (kept for
+    backward, micro-batches in flight included), `dynamic` (everything above the model states) and `peak`."""
+    from impl.plan.terms import MODEL_STATES, plan
+
+    shape, setup = BY_NAME[name]
+    p = plan(shape, setup, stage=measured["stage"], rank=measured["dp_rank"])
+    out = {}
+    for key in STATE_CHECKS:
+        if key in measured:
+            out[key] = (p.terms[key] + p.details.get(_PADDING.get(key, ""), 0), measured[key])
+    states = sum(p.terms[k] for k in MODEL_STATES)
+    if setup.mode == "train":
+        out["activations"] = (
+            p.terms["activations_saved"] + p.terms["pipeline_in_flight"],
+            measured["activations_saved"],
+        )
+    out["dynamic"] = (p.total - states, measured["dynamic_peak"])
+    out["peak"] = (p.total, measured["peak"])
+    return out
+
+
+def relative_error(predicted: int, measured: int) -> float:
+    """(predicted - measured) / measured; 0 when both are 0."""
+    return 0.0 if predicted == measured else (predicted - measured) / measured if measured else float("inf")
