@@ -42,6 +42,8 @@ def _smoke_names() -> list[str]:
     return picks
 
 
+# Seconds on the 2-core reference CPU (python -m impl bench's budget): measuring every configuration dominates.
+ESTIMATED_S = {"smoke": 30, "small": 100, "full": 60}
 ALL = [name for name, _, _ in v.CONFIGS]
 SWEEPS = {"config": {"smoke": _smoke_names(), "small": ALL, "full": ALL}}  # parametrizes test_planner per --size
 
