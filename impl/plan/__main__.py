@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="16-bit compute, fp32 master, optimizer")
     t.add_argument("--finetune", choices=FINETUNES)
     t.add_argument("--lora-rank", type=cli.positive_int)
-    t.add_argument("--lora-targets", type=_targets, help="linear names, comma-separated (default: q_proj,v_proj)")
+    t.add_argument("--lora-targets", type=_targets,
+                   help="linear names, comma-separated (default: q_proj,v_proj; GPT: c_attn)")
     t.add_argument("--nf4-block-size", type=cli.positive_int, help="QLoRA: values per NF4 constant (even)")
     t.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None, help="QLoRA (default on)")
     t.add_argument("--optimizer", choices=OPTIMIZERS)
