@@ -127,6 +127,7 @@ def test_planner(bench, measurements, config):
     info = bench(
         lambda: plan(shape, setup, stage=m.get("stage", 0), rank=m.get("dp_rank", 0)),
         variant="planner",
+        device="cpu",  # the planner and the measured steps (gloo ranks) run on the CPU in every session
         params=dict(config=config),
         dtype=None,
         metrics={
@@ -160,6 +161,7 @@ def test_planner_worst_error(bench, measurements, term):
     info = bench(
         lambda: [predicted(n, m) for n, m in measurements.items()],
         variant="planner",
+        device="cpu",  # the planner and the measured steps (gloo ranks) run on the CPU in every session
         params=dict(term=term),
         metrics={
             "configurations": len(pairs),
@@ -182,6 +184,7 @@ def test_planner_questions(bench, question):
     info = bench(
         lambda: answer(question),
         variant="planner",
+        device="cpu",  # the planner and the measured steps (gloo ranks) run on the CPU in every session
         params=dict(question=question.name),
         metrics={
             "model": a["model"],

@@ -13,7 +13,7 @@ import pytest
 from impl.__main__ import main as impl_main
 from impl.plan import KNOWN_MODELS, TERMS, Setup, levers, model_shape, plan
 from impl.plan.__main__ import build_parser, human, setup_from_args
-from impl.plan.devices import DEVICES, device, parse_memory
+from impl.plan.devices import DEVICES, MEMORY, device, parse_memory
 from impl.plan.estimators import deepspeed_zero2, deepspeed_zero3, weights_only
 from impl.plan.questions import QUESTIONS, answer, largest_fitting, param_counts
 
@@ -211,7 +211,7 @@ def test_parse_memory_refuses_junk_naming_the_option(text):
 def test_every_device_resolves_by_its_name_and_in_lower_case():
     for d in DEVICES:
         assert device(d.name) is d and device(d.name.lower()) is d and d.source
-        assert d.bytes == int(d.gib * 2**30) and d.bytes > 8 * 2**30
+        assert MEMORY[d.name] == d.bytes == int(d.gib * 2**30) and d.bytes > 8 * 2**30
     assert device("rtx 4090").name == "RTX-4090-24GB" and device("H100").name == "H100-80GB"
     with pytest.raises(ValueError, match="H100-80GB"):
         device("TPUv5")

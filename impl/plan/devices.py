@@ -62,6 +62,7 @@ DEVICES: tuple[Device, ...] = (
     Device("T4-16GB", 16, "NVIDIA T4 Tensor Core GPU datasheet (2019): 16GB GDDR6"),
     Device("MI300X-192GB", 192, "AMD Instinct MI300X accelerator data sheet (2023): 192GB HBM3"),
 )
+MEMORY: dict[str, int] = {d.name: d.bytes for d in DEVICES}  # name -> bytes per device
 # Short names that pick one entry: the larger part where a name is sold in two sizes is NOT guessed.
 ALIASES = {"H200": "H200-141GB", "H100": "H100-80GB", "L40S": "L40S-48GB", "A10": "A10-24GB", "L4": "L4-24GB",
            "RTX-4090": "RTX-4090-24GB", "RTX-3090": "RTX-3090-24GB", "RTX-4080": "RTX-4080-16GB", "T4": "T4-16GB",
