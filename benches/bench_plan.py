@@ -3,9 +3,10 @@
 `planner`: one row per configuration of `impl.plan.validate.CONFIGS` (small GPT and Llama shapes, every technique
 and their pairs, 1-4 gloo ranks): each is run for one real training or decoding step and measured
 (`validate.measure_all`), then planned for the same pipeline stage and data-parallel rank. The row's metrics are
-predicted and measured bytes: the model states (weights, NF4 codes and scales, LoRA, gradients, fp32 master,
-optimizer states, KV cache, ZeRO's padding: the planner's claim is exact equality), the activations saved for
-backward (pipeline micro-batches in flight included) and the step's peak, with their relative errors. The peak
+predicted and measured bytes as `validate.compare` pairs them: the model states (weights, NF4 codes and scales,
+LoRA, gradients, fp32 master, optimizer states, KV cache, ZeRO's padding: the planner's claim is exact equality),
+the activations saved for backward (pipeline micro-batches in flight included), everything above the model states
+("dynamic": activations and transients) and the step's peak, with their relative errors. The peak
 memory column is the measured peak of the step; the time column is the planner's own time to plan it. Under the
 table: predicted against measured for every term of every configuration, with the y = x line.
 
@@ -21,14 +22,14 @@ import io
 
 import pytest
 
-from impl.plan import MODEL_STATES, plan
+from impl.plan import plan
 from impl.plan import validate as v
 from impl.plan.__main__ import human
 from impl.plan.questions import QUESTIONS, answer
 
-TRAIN_STATES = ("weights", "nf4_codes_scales", "lora_weights", "gradients", "fp32_master", "optimizer_states")
-_PADDING = {"gradients": "padding_grads", "fp32_master": "padding_master", "optimizer_states": "padding_optimizer"}
-POINTS = (*TRAIN_STATES, "kv_cache", "activations_saved", "peak")  # what a measurement reads, per configuration
+# What `validate.compare` pairs up per configuration: each model state as the device holds it, the activations
+# kept for backward, everything above the model states ("dynamic"), the peak; and the model states summed.
+POINTS = (*v.STATE_CHECKS, "activations", "dynamic", "peak")
 
 
 def _smoke_names() -> list[str]:
@@ -48,26 +49,12 @@ ALL = [name for name, _, _ in v.CONFIGS]
 SWEEPS = {"config": {"smoke": _smoke_names(), "small": ALL, "full": ALL}}  # parametrizes test_planner per --size
 
 
-def predicted(name: str, measured: dict) -> dict[str, int]:
-    """The planner's figures in the measurement's accounting, for the stage and data-parallel rank it measured:
-    ZeRO's padding goes back into the state it pads (a measured shard holds it), the pipeline's micro-batches in
-    flight into the activations, and the peak is the plan's total."""
-    shape, setup = v.BY_NAME[name]
-    p = plan(shape, setup, stage=measured.get("stage", 0), rank=measured.get("dp_rank", 0))
-    out = {t: p.terms[t] + p.details.get(_PADDING.get(t, ""), 0) for t in (*TRAIN_STATES, "kv_cache")}
-    out["weights" if setup.finetune == "full" else "lora_weights"] += p.details.get("padding_params", 0)
-    out["activations_saved"] = p.terms["activations_saved"] + p.terms["pipeline_in_flight"]
-    out["peak"] = p.total
-    out["model_states"] = sum(p.terms[t] for t in MODEL_STATES)
+def pairs(name: str, measured: dict) -> dict[str, tuple[int, int]]:
+    """(predicted, measured) per point of one configuration (`validate.compare`), with the model states summed."""
+    out = v.compare(name, measured)
+    states = [out[k] for k in v.STATE_CHECKS if k in out]
+    out["model_states"] = (sum(p for p, _ in states), sum(m for _, m in states))
     return out
-
-
-def measured_states(measured: dict) -> int:
-    return sum(measured.get(t, 0) for t in (*TRAIN_STATES, "kv_cache"))
-
-
-def rel_error(pred: int, meas: int) -> float:
-    return 0.0 if pred == meas else (pred - meas) / meas if meas else float("inf")
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +74,13 @@ def _scatter(measurements: dict) -> "object":
     colors = plt.get_cmap("tab10")
     low, high = float("inf"), 0.0
     for i, term in enumerate(POINTS):
-        pts = [(predicted(n, m)[term], m[term]) for n, m in measurements.items() if m.get(term)]
+        pts = [pm for n, m in measurements.items() if (pm := pairs(n, m).get(term)) and pm[1]]
         if not pts:
             continue
         xs, ys = zip(*pts)
         ax.scatter(ys, xs, s=14, color=colors(i), label=f"{term} ({len(pts)})", alpha=0.8)
         low, high = min(low, *xs, *ys), max(high, *xs, *ys)
-        errors = [100 * rel_error(p, m) for p, m in pts]
+        errors = [100 * v.relative_error(p, m) for p, m in pts]
         offsets = [i + 0.3 * (k / max(len(errors) - 1, 1) - 0.5) for k in range(len(errors))]
         err_ax.scatter(offsets, errors, s=14, color=colors(i), alpha=0.8)
     ax.plot([low, high], [low, high], color="black", linewidth=0.8, label="y = x")
@@ -121,29 +108,29 @@ def _scatter(measurements: dict) -> "object":
 def test_planner(bench, measurements, config):
     shape, setup = v.BY_NAME[config]
     m = measurements[config]
-    pred = predicted(config, m)
-    states = measured_states(m)
-    off = pred["model_states"] - states
+    got = pairs(config, m)
+    (pred_states, meas_states), (pred_peak, meas_peak) = got["model_states"], got["peak"]
+    act = got.get("activations")
     info = bench(
-        lambda: plan(shape, setup, stage=m.get("stage", 0), rank=m.get("dp_rank", 0)),
+        lambda: plan(shape, setup, stage=m["stage"], rank=m["dp_rank"]),
         variant="planner",
         device="cpu",  # the planner and the measured steps (gloo ranks) run on the CPU in every session
         params=dict(config=config),
-        dtype=None,
         metrics={
             "world": setup.world_size,
-            "model states predicted": human(pred["model_states"]),
-            "model states measured": human(states),
-            "model states equal": "yes" if off == 0 else f"NO, {off:+} B",
-            "activations predicted": human(pred["activations_saved"]),
-            "activations measured": human(m.get("activations_saved", 0)),
-            "activations rel err": rel_error(pred["activations_saved"], m.get("activations_saved", 0)),
-            "peak predicted": human(pred["peak"]),
-            "peak measured": human(m["peak"]),
-            "peak rel err": rel_error(pred["peak"], m["peak"]),
+            "model states predicted": human(pred_states),
+            "model states measured": human(meas_states),
+            "model states equal": "yes" if pred_states == meas_states else f"NO, {pred_states - meas_states:+} B",
+            "activations predicted": human(act[0]) if act else "-",
+            "activations measured": human(act[1]) if act else "-",
+            "activations rel err": v.relative_error(*act) if act else None,
+            "dynamic rel err": v.relative_error(*got["dynamic"]),
+            "peak predicted": human(pred_peak),
+            "peak measured": human(meas_peak),
+            "peak rel err": v.relative_error(pred_peak, meas_peak),
         },
     )
-    info["peak_bytes"] = m["peak"]  # the measured step's peak, not the planner's (it allocates no tensors)
+    info["peak_bytes"] = meas_peak  # the measured step's peak, not the planner's (it allocates no tensors)
     if config == next(iter(measurements)):
         bench.save_image("planner_predicted_vs_measured", _scatter(measurements))
 
@@ -151,25 +138,23 @@ def test_planner(bench, measurements, config):
 @pytest.mark.benchmark(group="planner-worst-error")
 @pytest.mark.parametrize("term", [*POINTS, "model_states"])
 def test_planner_worst_error(bench, measurements, term):
-    pairs = {n: (predicted(n, m)[term], measured_states(m) if term == "model_states" else m.get(term, 0))
-             for n, m in measurements.items()}  # fmt: skip
-    pairs = {n: pm for n, pm in pairs.items() if pm[1] or pm[0]}
-    if not pairs:
+    found = {n: pm for n, m in measurements.items() if (pm := pairs(n, m).get(term)) and (pm[0] or pm[1])}
+    if not found:
         pytest.skip(f"no configuration of this --size holds {term}")
-    errors = {n: rel_error(p, m) for n, (p, m) in pairs.items()}
+    errors = {n: v.relative_error(p, m) for n, (p, m) in found.items()}
     worst = max(errors, key=lambda n: abs(errors[n]))
     info = bench(
-        lambda: [predicted(n, m) for n, m in measurements.items()],
+        lambda: [pairs(n, m) for n, m in measurements.items()],
         variant="planner",
         device="cpu",  # the planner and the measured steps (gloo ranks) run on the CPU in every session
         params=dict(term=term),
         metrics={
-            "configurations": len(pairs),
+            "configurations": len(found),
             "exact": sum(e == 0 for e in errors.values()),
             "worst rel err": errors[worst],
             "worst at": worst,
-            "predicted there": human(pairs[worst][0]),
-            "measured there": human(pairs[worst][1]),
+            "predicted there": human(found[worst][0]),
+            "measured there": human(found[worst][1]),
         },
     )
     info["peak_bytes"] = None
