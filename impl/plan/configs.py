@@ -24,11 +24,14 @@ DIMENSIONS = {
     "parallel": ("single", "zero1", "zero2", "zero3", "tp", "pp"),
     "checkpointing": ("none", "every", "every-k", "sqrt"),
 }
-# What the project's code composes (so what can be measured): tensor and pipeline parallelism are built for the
-# GPT, on a fully trained model; pipeline stages are not checkpointable blocks; a checkpoint replay under ZeRO-3
-# reads weights ZeRO-3 has freed (the project's Zero re-gathers on forward hooks the replay does not pass
-# again for the saved weights: a RuntimeError in backward); Zero trains fp32
-# (or mixed-precision) parameters, so pure bf16 full training runs without it, on one data-parallel rank.
+# What the project's code composes (so what can be measured):
+# - tensor and pipeline parallelism are built for the GPT only;
+# - LoRA after tensor_parallelize wraps the parallel linears, but the adapter's path skips Megatron's f/g
+#   collectives (wrong gradients), and LoRA before it breaks tensor_parallelize (no `weight` on LoRALinear);
+# - PipelineSchedule's tied-embedding sync gives a frozen (LoRA) embedding a full gradient the planner does not
+#   count, and pipeline stages (blocks in a ModuleDict) are not checkpointable stacks;
+# - a checkpoint replay under ZeRO-3 reads weights ZeRO-3 has freed (a RuntimeError in backward);
+# - Zero trains fp32 (or mixed-precision) parameters, so pure bf16 full training runs without it, on one rank.
 UNSUPPORTED = (
     ("model", "llama", "parallel", "tp"), ("model", "llama", "parallel", "pp"),
     ("finetune", "lora", "parallel", "tp"), ("finetune", "qlora", "parallel", "tp"),
