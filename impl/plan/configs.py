@@ -3,6 +3,7 @@ dtype regime, fine-tuning, optimizer, parallelism, checkpointing) over what the 
 plus what pairs leave out (decoding with fp32/bf16/int8 caches, dropout, packing, other LoRA targets, QLoRA
 options, both pipeline schedules, 4 ranks). Tiny shapes, so one step of each runs in a fraction of a second."""
 
+import dataclasses
 import itertools
 
 from impl.plan.setup import Setup
@@ -101,6 +102,8 @@ CONFIGS: list[tuple[str, ModelShape, Setup]] = [
     _c("llama", "decode-bf16", mode="inference", kv_len=48, kv_batch=3, **BF16),
     _c("llama", "decode-int8", mode="inference", kv_len=48, kv_batch=2, kv_int8=True, **BF16),
     _c("llama", "decode-int8-fp32", mode="inference", kv_len=40, kv_batch=1, kv_int8=True),
+    ("llama-decode-wide-mlp", dataclasses.replace(TINY["llama"], intermediate_size=200),
+     Setup(mode="inference", kv_len=60, kv_batch=2)),  # the prefill's peak in the MLP, not in attention
     _c("llama", "full-every", checkpointing="every"),
     _c("gpt", "lora-every-k3", finetune="lora", checkpointing="every-k", checkpoint_every=3),
     _c("gpt", "zero3-w2-sgd", zero_stage=3, world_size=2, optimizer="sgd"),

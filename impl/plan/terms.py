@@ -208,14 +208,22 @@ def _inference_terms(shape: ModelShape, setup: Setup) -> dict[str, int]:
     terms["kv_cache"] = kv_cache_bytes(layers=shape.num_layers, batch=setup.kv_batch, kv_heads=kv_heads,
                                        max_tokens=setup.kv_len, head_dim=shape.head_dim, dtype=dtype,
                                        quantized=setup.kv_int8)  # fmt: skip
-    # One decode step: the logits of the new tokens, and with an int8 cache one layer's keys and values
-    # dequantized for attention.
-    s, heads = setup.itemsize, shape.num_heads // setup.tp
+    # The larger of two transients. Prefill of a (kv_len - 1)-token prompt, one layer at a time, without
+    # autograd: in attention the hidden state, q/k/v and their concatenation, RoPE's q,k with its two temporaries,
+    # and the output; in the SwiGLU MLP gate, up, silu(gate) and their product next to about 3.5 hidden states (the
+    # fp32 norm input among them); an int8 cache returns dequantized copies in place of the views, about the same
+    # bytes. One decode step: the logits, the scores over the cache, one layer's q/k/v, and with
+    # an int8 cache one layer's keys and values dequantized for attention.
+    s, heads, D, C = setup.itemsize, shape.num_heads // setup.tp, shape.head_dim, shape.hidden_size
+    tokens = setup.kv_batch * max(1, setup.kv_len - 1)
+    attention = tokens * s * (C + 2 * (heads + 2 * kv_heads) * D + 3 * (heads + kv_heads) * D + heads * D)
+    mlp = 4 * tokens * (shape.intermediate_size // setup.tp) * s + 7 * tokens * C * s // 2
+    prefill = max(attention, mlp)
     logits = setup.kv_batch * -(-shape.vocab_size // setup.tp) * s
     scores = setup.kv_batch * heads * setup.kv_len * s
-    qkv = setup.kv_batch * (heads + 2 * kv_heads) * shape.head_dim * s
-    dequantized = 2 * setup.kv_batch * kv_heads * setup.kv_len * shape.head_dim * s if setup.kv_int8 else 0
-    terms["temporary_peak"] = logits + scores + qkv + dequantized
+    qkv = setup.kv_batch * (heads + 2 * kv_heads) * D * s
+    dequantized = 2 * setup.kv_batch * kv_heads * setup.kv_len * D * s if setup.kv_int8 else 0
+    terms["temporary_peak"] = max(prefill, logits + scores + qkv + dequantized)
     return terms
 
 

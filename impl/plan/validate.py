@@ -14,7 +14,8 @@ model states exist as they do in a training loop that keeps its gradients (gradi
 - peak: the model states plus `MemoryMeter`'s peak over the measured step (forward, backward, optimizer step;
   exact tensor accounting on CPU, the CUDA allocator's own figure on a GPU).
 
-A decoding configuration fills a static cache to kv_len - 1 slots and measures the step that writes the last.
+A decoding configuration prefills a static cache with a (kv_len - 1)-token prompt, then decodes the last slot;
+its transient is the larger of the two.
 Multi-rank configurations run on gloo: `measure_all` starts one group of 2 ranks for everything of world size 1
 and 2 (world-1 configurations spread over the two ranks, each on its own one-rank group) and one of 4.
 """
@@ -190,13 +191,14 @@ def _decode(shape: ModelShape, setup: Setup) -> dict[str, int]:
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, shape.vocab_size, (setup.kv_batch, setup.kv_len), generator=g)
     with torch.no_grad():
-        model(prompt[:, :-1], cache=cache)
+        with MemoryMeter("cpu") as prefill:  # as generate() prefills: the last position's logits only
+            model(prompt[:, :-1], cache=cache, last_only=True)
         with MemoryMeter("cpu") as meter:
             model(prompt[:, -1:], cache=cache, start=setup.kv_len - 1)
     parts = [*cache.keys, *cache.values, *getattr(cache, "key_scales", []), *getattr(cache, "value_scales", [])]
     out = {"weights": _storages_bytes(model.parameters()), "kv_cache": _storages_bytes(parts)}
-    out["dynamic_peak"] = meter.peak
-    out["peak"] = out["weights"] + out["kv_cache"] + meter.peak
+    out["dynamic_peak"] = max(prefill.peak, meter.peak)
+    out["peak"] = out["weights"] + out["kv_cache"] + out["dynamic_peak"]
     out["stage"] = 0
     return out
 
