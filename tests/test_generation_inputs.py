@@ -108,6 +108,11 @@ def test_compile_refuses_the_triton_backend_before_any_work():
         generate(model, IDS, max_new_tokens=2, compile=True)
 
 
+def test_compile_refuses_a_draft_model(model):
+    with pytest.raises(ValueError, match="give compile=True or a draft_model, got both"):
+        generate(model, IDS, max_new_tokens=2, compile=True, draft_model=model)
+
+
 def test_slots_beyond_the_rope_tables(model):
     # The RoPE tables hold max_position_embeddings=20 rows: slots [18, 23) have no row for 20, 21, 22.
     with pytest.raises(ValueError, match=r"slots \[18, 23\) must lie below max_position_embeddings=20"):

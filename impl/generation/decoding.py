@@ -25,7 +25,7 @@ from impl.generation.sampling import sample_next
 
 def _check(
     model, input_ids, max_new_tokens, use_cache, attention_mask, temperature, top_k, top_p, eos_token_id, generator,
-    compile,
+    compile, draft_model,
 ) -> None:  # fmt: skip
     if not isinstance(model, Llama):
         raise TypeError(f"model must be an impl.generation.Llama, got {type(model).__name__}")
@@ -61,6 +61,11 @@ def _check(
     check_bool("compile", compile)
     if compile and not use_cache:
         raise ValueError("compile=True compiles the cached decode step; it needs use_cache=True, got use_cache=False")
+    if compile and draft_model is not None:
+        raise ValueError(
+            "compile=True compiles the one-token decode step, which speculative decoding does not run; give "
+            "compile=True or a draft_model, got both"
+        )
     if compile and model.config.attention_backend == "triton":
         raise ValueError(
             "compile=True attends over every cache slot under a dense mask, which the Triton kernels do not read; "
@@ -102,7 +107,7 @@ def generate(
     """
     _check(
         model, input_ids, max_new_tokens, use_cache, attention_mask, temperature, top_k, top_p, eos_token_id, generator,
-        compile,
+        compile, draft_model,
     )  # fmt: skip
     if draft_model is not None:
         from impl.generation.speculative import speculative_generate
