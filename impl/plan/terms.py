@@ -138,8 +138,11 @@ def _activations(shape: ModelShape, setup: Setup, stage: int, trainable: list[in
     # - a QLoRA matmul: one weight dequantized (fp32 levels, fp32 product, compute-dtype copy);
     dequant = max(quantized, default=0) * (8 + s)
     # - a checkpointed segment's backward: its replayed activations (less its input, kept already), the gradient
-    #   of its widest activation, and QLoRA's dequantized weight;
-    widest = tokens * (shape.intermediate_size // tp) * s - tokens * shape.hidden_size * s
+    #   of its widest activation (twice, the gradients of the MLP's output and input at once, when the MLP's
+    #   output linear is frozen and so frees no kept input before them), and QLoRA's dequantized weight;
+    frees = setup.finetune == "full" or any(n.startswith("mlp.") and n.endswith(("c_proj", "down_proj"))
+                                            for n in _block_lora(shape, setup))  # fmt: skip
+    widest = (1 if frees else 2) * tokens * (shape.intermediate_size // tp) * s - tokens * shape.hidden_size * s
     segment = replay + widest + dequant if replay else 0
     # - the optimizer step, once the activations are gone: mixed precision's fp32 copy of every gradient shard,
     #   and the per-tensor temporaries of torch's single-tensor AdamW / SGD.
