@@ -174,6 +174,17 @@ def test_plan_adds_up_and_levers_are_differences():
     assert math.isclose(p.terms["nf4_codes_scales"], 0)
 
 
+def test_inference_levers_and_the_prefill_transient():
+    shape = model_shape("llama-2-70b")
+    setup = Setup(mode="inference", dtype="bfloat16", tp=8, world_size=8, kv_len=32768, kv_batch=4)
+    p = plan(shape, setup)
+    int8 = plan(shape, dataclasses.replace(setup, kv_int8=True))
+    assert dict(levers(shape, setup, 80 * 2**30))["int8 KV cache"] == p.total - int8.total > 0
+    assert p.terms["activations_saved"] == p.terms["gradients"] == 0
+    # the prompt's prefill, one layer at a time, outweighs a decode step at 32k tokens
+    assert p.terms["temporary_peak"] > 4 * 32767 * (shape.intermediate_size // 8) * 2
+
+
 @pytest.mark.parametrize(
     "call,match",
     [

@@ -33,7 +33,7 @@ class Setup:
     checkpoint_every: int = 2  # blocks per segment with "every-k"
     seq_len: int = 512  # tokens per sequence in training
     micro_batch: int = 1  # sequences per micro-batch
-    packing: bool = False  # several documents per row (document-masked attention); same bytes per token
+    packing: bool = False  # several documents per row: SDPA keeps a (B, T, T) document mask per block
     dropout: bool = False  # dropout on (its masks are kept for backward)
     kv_len: int = 2048  # inference: cache slots per sequence (prompt + generated)
     kv_batch: int = 1  # inference: sequences decoded together
