@@ -141,8 +141,7 @@ def generate(
         mask = None
     else:
         step = model.decode_step
-        # The key mask for every slot, once; each step reads a view of its first start + 1 columns. The new slot
-        # always holds a token, so this is the prefill's mask (key_mask | slot == query) for one query.
+        # The key mask of every slot, once; each step reads a view of its first start + 1 columns.
         mask = None if key_mask is None else torch.cat([key_mask, key_mask.new_ones(B, max_new_tokens)], 1)
     finished = torch.zeros(B, dtype=torch.bool, device=device) if eos_token_id is not None else None
     for i in range(max_new_tokens):
@@ -153,8 +152,8 @@ def generate(
         tokens[:, T + i] = next_token
         if i == max_new_tokens - 1 or (finished is not None and bool(finished.all())):
             return tokens[:, : T + i + 1]
-        slot_mask = None if mask is None else mask[:, None, None, : T + i + 1]
-        logits = step(tokens[:, T + i : T + i + 1], position, cache, T + i, slot_mask)
+        end = T + i + 1
+        logits = step(tokens[:, T + i : end], position, cache, T + i, None if mask is None else mask[:, :end])
         position += 1
     return tokens
 
@@ -192,9 +191,9 @@ class _SlotWriter:
         return self.keys[layer], self.values[layer]
 
 
-def _static_decode(model: Llama, token, position, slot, valid, keys, values) -> torch.Tensor:
-    """One decode step over all slots: what torch.compile traces (inputs: tensors, and the model)."""
-    return model.decode_step(token, position, _SlotWriter(keys, values), slot, valid)
+def _static_decode(model: Llama, token, position, slot, mask, keys, values) -> torch.Tensor:
+    """One decode step over all slots, under the dense slot mask (B, 1, 1, S): what torch.compile traces."""
+    return model._run(token, position, {"mask": mask}, _SlotWriter(keys, values), slot, True)[:, -1]
 
 
 _COMPILED: dict[str, object] = {}  # device type -> the compiled _static_decode, made on first use

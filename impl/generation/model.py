@@ -339,17 +339,16 @@ class Llama(nn.Module):
         return self._run(input_ids, positions, masks, cache, start, last_only)
 
     def decode_step(
-        self, token: torch.Tensor, position: torch.Tensor, cache, start: int | torch.Tensor,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+        self, token: torch.Tensor, position: torch.Tensor, cache, start: int, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One decode step, unchecked: `generate` checks its inputs once, before the loop, and calls this per token.
 
-        token, position: (B, 1); the token goes into cache slot `start`; returns the logits (B, vocab).
-        `mask` (B, 1, 1, S), True where a key slot may be read, or None (every slot the cache returns holds a
-        token). With the KVCache `start` is an int and the cache returns slots [0, start + 1); a cache that
-        returns all its slots (the compiled step's static shapes) takes `start` as a tensor and needs the mask.
+        token, position: (B, 1); the token goes into cache slot `start` and attends over slots [0, start + 1);
+        returns the logits (B, vocab). `key_mask` (B, start + 1), True where a slot holds a token, or None (all
+        do): a view of one buffer made before the loop, since the new slot always holds a token.
         """
-        return self._run(token, position, {} if mask is None else {"mask": mask}, cache, start, True)[:, -1]
+        masks = {} if key_mask is None else _decode_masks(key_mask, self.config.attention_backend)
+        return self._run(token, position, masks, cache, start, True)[:, -1]
 
     def _run(self, input_ids, positions, masks: dict, cache, start, last_only: bool) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -358,6 +357,14 @@ class Llama(nn.Module):
             x = block(x, cos, sin, masks, cache, start)
         x = self.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x)
+
+
+def _decode_masks(key_mask: torch.Tensor, backend: str) -> dict:
+    """`_attention_masks` for one query at the newest slot, which always holds a token: the key mask as it is,
+    (B, 1, 1, S), or for the Triton kernels (checked to be left padding at the prefill) two documents per row."""
+    if backend == "triton" or (backend == "auto" and key_mask.is_cuda):
+        return {"document_ids": key_mask.long()}
+    return {"mask": key_mask[:, None, None]}
 
 
 def _attention_masks(key_mask: torch.Tensor | None, start: int, T: int, backend: str, device) -> dict:
