@@ -153,7 +153,11 @@ def _activations(shape: ModelShape, setup: Setup, stage: int, trainable: list[in
     last = stage == setup.pp - 1
     hidden = tokens * shape.hidden_size * s
     block = 0 if last else 2 * tokens * (shape.intermediate_size // tp) * s + hidden + in_flight * hidden
-    extra = max(loss, dequant, segment, block, step - in_flight * kept)
+    # ZeRO-3 holds one module's parameters gathered in full during its forward and backward (the largest one
+    # here: the embedding or the head). impl.common.MemoryMeter does not see them on CPU (Zero resizes their
+    # storage in place, outside the ops it watches), so the sweep's measured peak leaves them out.
+    gathered = setup.trainable_bytes * max(shards, default=0) * setup.dp if setup.zero_stage == 3 else 0
+    extra = max(max(loss, dequant, segment, block) + gathered, step - in_flight * kept)
     return {
         "activations_saved": kept,
         "recompute_peak": replay,
