@@ -90,8 +90,12 @@ class _Decoder:
 
     def _forward(self, tokens, begin: int, end: int, last_only: bool) -> torch.Tensor:
         key_mask = None if self.key_mask is None else self.key_mask[:, :end]
-        out = self.model(tokens[:, begin:end], self.positions[:, begin:end], cache=self.cache, start=begin,
-                         key_mask=key_mask, last_only=last_only)  # fmt: skip
+        if self.cache is not None and end - begin == 1:  # one token (every draft step): the unchecked decode step
+            out = self.model.decode_step(tokens[:, begin:end], self.positions[:, begin:end], self.cache, begin,
+                                         key_mask)[:, None]  # fmt: skip
+        else:
+            out = self.model(tokens[:, begin:end], self.positions[:, begin:end], cache=self.cache, start=begin,
+                             key_mask=key_mask, last_only=last_only)  # fmt: skip
         self.forwards += 1
         if self.cache is not None:
             self.filled = end
