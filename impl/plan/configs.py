@@ -21,7 +21,7 @@ DIMENSIONS = {
     "model": ("gpt", "llama"),
     "dtype": ("float32", "bfloat16", "mixed"),
     "finetune": ("full", "lora", "qlora"),
-    "optimizer": ("adamw", "sgd", "sgd-momentum"),
+    "optimizer": ("adamw", "sgd", "sgd-momentum", "adamw-8bit"),
     "parallel": ("single", "zero1", "zero2", "zero3", "tp", "pp"),
     "checkpointing": ("none", "every", "every-k", "sqrt"),
 }

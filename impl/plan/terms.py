@@ -48,7 +48,7 @@ MODEL_STATES = ("weights", "nf4_codes_scales", "lora_weights", "gradients", "fp3
 DEFAULT_TARGETS = {"gpt": ("c_attn",), "llama": ("q_proj", "v_proj")}
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _POLICY = {"none": "none", "every": "every", "every-k": "every_k", "sqrt": "sqrt"}
-_BLOCK_8BIT = 2048  # bitsandbytes' 8-bit optimizer block (Dettmers et al. 2022, "8-bit Optimizers", sec. 2)
+_BLOCK_8BIT, _MIN_8BIT = 256, 4096  # bitsandbytes' AdamW8bit: block size, smallest tensor with 8-bit state
 
 
 @dataclass
@@ -84,9 +84,21 @@ def _lora_tensors(shape: ModelShape, setup: Setup, held: list[ParamTensor]) -> l
 
 
 def _optimizer_bytes(setup: Setup) -> int:
-    """Bytes of optimizer state per trainable parameter: Adam's m and v, SGD's momentum, in the master dtype."""
+    """Bytes of optimizer state per trainable parameter: Adam's m and v, SGD's momentum, in the master dtype
+    (the 8-bit AdamW is counted per tensor by `_adamw_8bit_bytes`)."""
     state = 4 if setup.mixed_precision or setup.trainable_bytes == 4 else setup.itemsize
-    return {"adamw": 2 * state, "sgd": 0, "sgd-momentum": state, "adamw-8bit": 2}[setup.optimizer]
+    return {"adamw": 2 * state, "sgd": 0, "sgd-momentum": state, "adamw-8bit": 0}[setup.optimizer]
+
+
+def _adamw_8bit_bytes(shards: list[int]) -> int:
+    """bitsandbytes' AdamW8bit state for tensors of `shards` elements (Dettmers et al. 2022, "8-bit Optimizers
+    via Block-wise Quantization", sec. 2, as bitsandbytes 0.45+ stores it): m and v as uint8 codes with one fp32
+    absmax per block of 256, one 256-entry fp32 code map per state shared by all tensors, and tensors under
+    4096 elements kept in fp32 (its min_8bit_size)."""
+    quantized = [n for n in shards if n >= _MIN_8BIT]
+    small = sum(2 * 4 * n for n in shards if n < _MIN_8BIT)
+    maps = 2 * 256 * 4 if quantized else 0
+    return small + maps + sum(2 * n + 2 * 4 * -(-n // _BLOCK_8BIT) for n in quantized)
 
 
 def _block_lora(shape: ModelShape, setup: Setup) -> dict[str, int]:
@@ -191,9 +203,9 @@ def _train_terms(shape: ModelShape, setup: Setup, stage: int, rank: int) -> tupl
     terms["gradients"] = zero["grads"] - zero["padding_grads"]
     terms["fp32_master"] = zero["master"] - zero["padding_master"]
     terms["optimizer_states"] = zero["optimizer"] - zero["padding_optimizer"]
-    if setup.optimizer == "adamw-8bit":  # one fp32 absmax per block of each of the two states
+    if setup.optimizer == "adamw-8bit":  # per tensor (ZeRO's padding inside), so no padding_optimizer share
         shards = trainable if setup.zero_stage == 0 else [-(-n // setup.dp) for n in trainable]
-        terms["optimizer_states"] += sum(2 * 4 * -(-n // _BLOCK_8BIT) for n in shards)
+        terms["optimizer_states"] = _adamw_8bit_bytes(shards)
     terms["padding"] = sum(zero[k] for k in zero if k.startswith("padding_"))
     quantized = [t.numel for t in held if t.linear] if setup.finetune == "qlora" else []
     terms.update(_activations(shape, setup, stage, trainable, quantized))

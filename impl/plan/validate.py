@@ -128,6 +128,10 @@ def _train(shape: ModelShape, setup: Setup, groups: dict) -> dict[str, int]:
 
     model, stage = _prepare(shape, setup, groups)
     optimizer_cls = torch.optim.AdamW if setup.optimizer == "adamw" else torch.optim.SGD
+    if setup.optimizer == "adamw-8bit":
+        import bitsandbytes
+
+        optimizer_cls = bitsandbytes.optim.AdamW8bit
     kwargs = {"lr": 1e-3, **({"momentum": 0.9} if setup.optimizer == "sgd-momentum" else {})}
     trainable = [p for p in model.parameters() if p.requires_grad]
     if setup.finetune == "full" and setup.itemsize == 2 and not setup.mixed_precision:
@@ -154,12 +158,13 @@ def _train(shape: ModelShape, setup: Setup, groups: dict) -> dict[str, int]:
         optimizer.step()
 
     step()  # warm-up: gradients and optimizer state now exist, as in a loop that keeps its gradients
+    inner = optimizer if run is model else run.optimizer
+    state = _storages_bytes(t for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
     if run is model:
-        state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
-        held = {"params": _storages_bytes(trainable), "grads": _storages_bytes(p.grad for p in trainable),
-                "master": 0, "optimizer": _storages_bytes(state)}  # fmt: skip
+        held = {"params": _storages_bytes(trainable), "grads": _storages_bytes(p.grad for p in trainable), "master": 0}
     else:
-        held = run.memory_breakdown()
+        held = run.memory_breakdown()  # its optimizer figure sums state tensors; 8-bit AdamW shares its code maps
+    held["optimizer"] = state
     quantized = [m for m in model.modules() if isinstance(m, Linear4bit)]
     out = {
         "weights" if setup.finetune == "full" else "lora_weights": held["params"],
