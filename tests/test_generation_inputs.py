@@ -117,3 +117,28 @@ def test_slots_beyond_the_rope_tables(model):
     # The RoPE tables hold max_position_embeddings=20 rows: slots [18, 23) have no row for 20, 21, 22.
     with pytest.raises(ValueError, match=r"slots \[18, 23\) must lie below max_position_embeddings=20"):
         model(IDS, cache=model.new_cache(2, 23), start=18)
+
+
+def test_logits_at_is_the_full_forward_at_those_positions(model):
+    """The lm_head at chosen positions only (a packed batch's last tokens) equals the full forward's logits there;
+    a neighbouring position differs (the control)."""
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    at = torch.tensor([2, 5, 8])
+    with torch.no_grad():
+        full, ours = model(ids), model(ids, logits_at=at)
+    assert ours.shape == (2, 3, model.config.vocab_size)
+    # fp32 defaults: the lm_head over 3 rows instead of 9 may take another GEMM blocking (ulp-level differences)
+    torch.testing.assert_close(ours, full[:, at])
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(ours, full[:, at - 1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [(dict(logits_at=torch.tensor([[1]])), "logits_at"), (dict(logits_at=torch.tensor([1.0])), "logits_at"),
+     (dict(logits_at=torch.tensor([1]), last_only=True), "logits_at")],
+    ids=["2-d", "float", "with-last-only"],
+)  # fmt: skip
+def test_logits_at_bad_input(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model(torch.zeros(1, 3, dtype=torch.long), **kwargs)

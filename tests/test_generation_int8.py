@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from impl.common import MemoryMeter, assert_close_to_reference_error
-from impl.generation import KVCache, Llama, LlamaConfig, dequantize_int8, kv_cache_bytes, quantize_int8
+from impl.generation import KVCache, Llama, LlamaConfig, dequantize_int8, generate, kv_cache_bytes, quantize_int8
 
 CONFIG = dict(
     vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -325,3 +325,36 @@ def test_quantize_and_dequantize_bad_input():
         dequantize_int8(codes.float(), scale, torch.float32)
     with pytest.raises(ValueError, match=r"scale must have shape \(2, 1\), got shape \(1, 2\)"):
         dequantize_int8(codes, scale.T, torch.float32)
+
+
+def test_generate_builds_the_int8_cache(model, decode):
+    """generate(cache_quantized=True) decodes through an int8 cache: the same tokens as the hand-written loop over
+    KVCache(quantized=True); the cache it built is int8 (and with the flag off it is not: the control)."""
+    prompts, *_ = decode
+    built = []
+    original = model.new_cache
+
+    def spy(*args, **kwargs):
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    model.new_cache = spy
+    try:
+        ours = generate(model, prompts, max_new_tokens=NEW_TOKENS, cache_quantized=True)
+        generate(model, prompts, max_new_tokens=2)
+    finally:
+        del model.new_cache
+    expected, _ = _greedy(model, prompts, _cache(KVCache, quantized=True))
+    assert torch.equal(ours[:, PROMPT_LEN:], expected)
+    assert built[0].quantized and built[0].keys[0].dtype == torch.int8
+    assert not built[1].quantized and built[1].keys[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [(dict(cache_quantized=1), "cache_quantized"), (dict(cache_quantized=True, compile=True), "cache_quantized")],
+    ids=["not-bool", "with-compile"],
+)
+def test_generate_cache_quantized_bad_input(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate(model, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, **kwargs)

@@ -212,9 +212,10 @@ class ContinuousBatcher:
         self.cache.prepare([(r.id, len(feed)) for r, feed in scheduled])
         if self.cache.used_blocks > self.peak_used_blocks:
             self.peak_used_blocks, self.peak_fragmentation = self.cache.used_blocks, self.cache.fragmentation
-        logits = self.model(ids, positions, cache=self.cache, attention_mask=packed_causal_mask(segments, device))
-        last = torch.tensor([len(feed) for _, feed in scheduled]).cumsum(0) - 1
-        next_tokens = logits[0, last.to(device)].argmax(dim=-1).tolist()  # greedy
+        last = (torch.tensor([len(feed) for _, feed in scheduled]).cumsum(0) - 1).to(device)  # each one's last token
+        mask = packed_causal_mask(segments, device)
+        logits = self.model(ids, positions, cache=self.cache, attention_mask=mask, logits_at=last)
+        next_tokens = logits[0].argmax(dim=-1).tolist()  # greedy
         now = time.perf_counter()
         done = []
         for (request, _), token in zip(scheduled, next_tokens, strict=True):

@@ -25,7 +25,7 @@ from impl.generation.sampling import sample_next
 
 def _check(
     model, input_ids, max_new_tokens, use_cache, attention_mask, temperature, top_k, top_p, eos_token_id, generator,
-    compile, draft_model,
+    compile, draft_model, cache_quantized,
 ) -> None:  # fmt: skip
     if not isinstance(model, Llama):
         raise TypeError(f"model must be an impl.generation.Llama, got {type(model).__name__}")
@@ -66,6 +66,14 @@ def _check(
             "compile=True compiles the one-token decode step, which speculative decoding does not run; give "
             "compile=True or a draft_model, got both"
         )
+    check_bool("cache_quantized", cache_quantized)
+    if compile and cache_quantized:
+        raise ValueError(
+            "compile=True writes each step's keys and values straight into the cache's fp buffers, and "
+            "cache_quantized=True holds int8 codes there; give one of them, got both"
+        )
+    if cache_quantized and draft_model is not None:
+        raise ValueError("cache_quantized=True is not supported with a draft_model (speculative decoding), got both")
     if compile and model.config.attention_backend == "triton":
         raise ValueError(
             "compile=True attends over every cache slot under a dense mask, which the Triton kernels do not read; "
@@ -89,6 +97,7 @@ def generate(
     draft_model: Llama | None = None,
     num_draft_tokens: int = 4,
     compile: bool = False,
+    cache_quantized: bool = False,
 ) -> torch.Tensor:
     """The prompt (B, T) followed by up to `max_new_tokens` new tokens per row, (B, T + n).
 
@@ -103,11 +112,12 @@ def generate(
     `compile=True` the one-token step is torch.compile'd over the whole static cache (gpt-fast's recipe: every
     step has the same shapes, the new slot is a tensor index, a mask hides the empty slots), mode
     "reduce-overhead" (CUDA graphs) on CUDA and the default mode elsewhere; the first call compiles, and a new
-    batch size or prompt + max_new_tokens length compiles again.
+    batch size or prompt + max_new_tokens length compiles again. `cache_quantized=True` keeps the cache in int8
+    with per-token, per-head scales (about half of a bf16 cache's bytes; impl.generation.cache).
     """
     _check(
         model, input_ids, max_new_tokens, use_cache, attention_mask, temperature, top_k, top_p, eos_token_id, generator,
-        compile, draft_model,
+        compile, draft_model, cache_quantized,
     )  # fmt: skip
     if draft_model is not None:
         from impl.generation.speculative import speculative_generate
@@ -134,7 +144,7 @@ def generate(
     tokens = input_ids.new_empty(B, total)
     tokens[:, :T] = input_ids
     position = positions[:, -1:] + 1  # (B, 1), advanced in place after every step
-    cache = model.new_cache(B, total)
+    cache = model.new_cache(B, total, quantized=cache_quantized)
     logits = model(input_ids, positions, cache=cache, key_mask=key_mask, last_only=True)[:, -1]  # prefill
     if compile:
         step = _StaticStep(model, cache, key_mask, T)
@@ -193,7 +203,7 @@ class _SlotWriter:
 
 def _static_decode(model: Llama, token, position, slot, mask, keys, values) -> torch.Tensor:
     """One decode step over all slots, under the dense slot mask (B, 1, 1, S): what torch.compile traces."""
-    return model._run(token, position, {"mask": mask}, _SlotWriter(keys, values), slot, True)[:, -1]
+    return model._run(token, position, {"mask": mask}, _SlotWriter(keys, values), slot, slice(-1, None))[:, -1]
 
 
 _COMPILED: dict[str, object] = {}  # device type -> the compiled _static_decode, made on first use

@@ -270,8 +270,9 @@ class Llama(nn.Module):
         ours._init_rope(weight.device)  # built on meta above: computed now, where the weights live
         return ours.to(weight.device, weight.dtype).eval()
 
-    def new_cache(self, batch: int, max_tokens: int) -> KVCache:
-        """An empty static cache for `batch` sequences of up to `max_tokens` slots, in the weights' dtype."""
+    def new_cache(self, batch: int, max_tokens: int, quantized: bool = False) -> KVCache:
+        """An empty static cache for `batch` sequences of up to `max_tokens` slots, in the weights' dtype;
+        `quantized=True`: int8 keys and values with one scale per (sequence, head, token) (impl.generation.cache)."""
         c, weight = self.config, self.lm_head.weight
         return KVCache(
             layers=c.num_hidden_layers,
@@ -281,6 +282,7 @@ class Llama(nn.Module):
             head_dim=c.head_dim,
             dtype=weight.dtype,
             device=weight.device,
+            quantized=quantized,
         )
 
     def forward(
@@ -293,6 +295,7 @@ class Llama(nn.Module):
         key_mask: torch.Tensor | None = None,
         last_only: bool = False,
         attention_mask: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `input_ids` (B, T) placed in cache slots [start, start + T).
 
@@ -306,6 +309,8 @@ class Llama(nn.Module):
         `attention_mask` (bool (B, 1, T, S), True where query i may attend to key j) that mask is the whole rule,
         causality included, and replaces `key_mask` and the built-in causal mask: a paged cache serving a packed
         batch of sequences, each at its own offset, says which keys belong to which query this way.
+        `logits_at` (a 1-D int64 tensor of positions along T) computes the final norm and the lm_head at those
+        positions only, (B, len(logits_at), vocab): such a packed batch needs one per sequence, its last.
         """
         # Ids must lie in [0, vocab_size): generate() checks them once; a check here would sync the device on
         # every call, prefill and decode alike.
@@ -336,7 +341,13 @@ class Llama(nn.Module):
             masks = {"attention_mask": attention_mask}
         else:
             masks = _attention_masks(key_mask, start, T, self.config.attention_backend, input_ids.device)
-        return self._run(input_ids, positions, masks, cache, start, last_only)
+        keep = slice(-1, None) if last_only else None
+        if logits_at is not None:
+            if last_only:
+                raise ValueError("logits_at must be None when last_only=True (both choose the positions), got both")
+            check_tensor("logits_at", logits_at, dim=1, integer=True, device=input_ids.device)
+            keep = logits_at
+        return self._run(input_ids, positions, masks, cache, start, keep)
 
     def decode_step(
         self, token: torch.Tensor, position: torch.Tensor, cache, start: int, key_mask: torch.Tensor | None = None
@@ -348,14 +359,15 @@ class Llama(nn.Module):
         do): a view of one buffer made before the loop, since the new slot always holds a token.
         """
         masks = {} if key_mask is None else _decode_masks(key_mask, self.config.attention_backend)
-        return self._run(token, position, masks, cache, start, True)[:, -1]
+        return self._run(token, position, masks, cache, start, slice(-1, None))[:, -1]
 
-    def _run(self, input_ids, positions, masks: dict, cache, start, last_only: bool) -> torch.Tensor:
+    def _run(self, input_ids, positions, masks: dict, cache, start, keep) -> torch.Tensor:
+        """embed -> blocks -> norm -> lm_head; the last two at the positions `keep` (a slice or an index) only."""
         x = self.embed_tokens(input_ids)
         cos, sin = self._rope(positions, x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, masks, cache, start)
-        x = self.norm(x[:, -1:] if last_only else x)
+        x = self.norm(x if keep is None else x[:, keep])
         return self.lm_head(x)
 
 
