@@ -99,6 +99,7 @@ def _steps(model, data: torch.Tensor, steps: int, seed: int, device) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    model.zero_grad(set_to_none=True)  # the gradients would otherwise stay allocated through every row
     model.eval()
 
 
