@@ -46,7 +46,8 @@ def human(n: int | float) -> str:
     sign, n = ("-" if n < 0 else ""), abs(n)
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
-            return f"{sign}{n / scale:.3g} {unit}"
+            value = n / scale  # 1000 to 1023.x of a unit: four figures, not "1e+03"
+            return f"{sign}{value:.3g} {unit}" if value < 999.5 else f"{sign}{value:.0f} {unit}"
     return f"{sign}{int(n)} B"
 
 
