@@ -5,7 +5,7 @@ from impl.generation.batching import ContinuousBatcher
 from impl.generation.cache import KVCache, dequantize_int8, kv_cache_bytes, quantize_int8
 from impl.generation.decoding import generate
 from impl.generation.model import Llama, LlamaConfig
-from impl.generation.paged import PagedKVCache
+from impl.generation.paged import PagedKVCache, paged_cache_bytes
 
 __all__ = [
     "ContinuousBatcher",
@@ -16,5 +16,6 @@ __all__ = [
     "dequantize_int8",
     "generate",
     "kv_cache_bytes",
+    "paged_cache_bytes",
     "quantize_int8",
 ]
