@@ -16,12 +16,11 @@ Each row runs twice: greedy (`decoding=greedy`; every row's tokens must equal th
 `expected`) and sampled at temperature 1 without filters (`decoding=sampled`, seeded, not compared; its
 acceptance is speculative sampling's, min(1, p/q) per token, which greedy loops of briefly trained models hide).
 Metrics: acceptance rate = accepted / proposed draft tokens; tokens per round = new tokens per verification (1 +
-the mean accepted run; the target alone: 1); target forwards = the target's forward calls (ours: a prefill of
-the prompt, then one per round; transformers: one per round, the first with the prompt; counted there with a
-forward hook, its proposals with one on the draft, so its acceptance rate is derived from those counts and the
-output length; near max_new_tokens it drafts past the end and cuts, where ours drafts fewer, so the two can differ
-by a round even where the greedy tokens are the same). The speed-up against the target alone is the report's
-"speed-up vs" column (tokens/s is of new tokens).
+the mean accepted run; the target alone: 1); target forwards = the target's forward calls (one per round, the
+first with the prompt, on both sides). transformers' figures come from forward hooks on its target and draft (a
+draft forward proposes one token) and the output length; near max_new_tokens it drafts past the end and cuts
+where ours drafts fewer, so the two can differ by a round even where the greedy tokens are the same. The speed-up
+against the target alone is the report's "speed-up vs" column (tokens/s is of new tokens).
 """
 
 import pytest
@@ -178,7 +177,7 @@ def _row(bench, provider: str, target, draft, prompt, new_tokens: int, k: int, p
                                                    **ours_kwargs)  # fmt: skip
         metrics["acceptance rate"] = stats["acceptance_rate"]
         metrics["tokens per round"] = stats["tokens_per_round"]
-        metrics["target forwards"] = stats["target_forwards"]  # the prompt's prefill, then one per round
+        metrics["target forwards"] = stats["target_forwards"]  # one per round, the first with the prompt
     else:
         # transformers reads the draft length from the assistant's own generation config (default: 20 tokens,
         # adapted every round, drafting cut short below a confidence of 0.4); here k tokens every round, as ours.

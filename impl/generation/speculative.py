@@ -80,22 +80,17 @@ class _Decoder:
 
     def logits(self, tokens: torch.Tensor, end: int, last: int) -> torch.Tensor:
         """Logits (B, last, vocab) predicting slots [end - last + 1, end], after feeding tokens[:, :end]: only the
-        slots the cache does not hold yet, or the whole prefix without a cache (the baseline)."""
+        slots the cache does not hold yet, or the whole prefix without a cache (the baseline); the lm_head runs on
+        the last `last` positions only (the prompt's own logits are never read)."""
         begin = self.filled if self.cache is not None else 0
-        if self.cache is not None and end - last > begin:  # a prefix whose logits nobody reads: prefill it alone
-            self._forward(tokens, begin, end - last, last_only=True)
-            begin = end - last
-        out = self._forward(tokens, begin, end, last_only=last == 1)
-        return out[:, -last:]
-
-    def _forward(self, tokens, begin: int, end: int, last_only: bool) -> torch.Tensor:
         key_mask = None if self.key_mask is None else self.key_mask[:, :end]
         if self.cache is not None and end - begin == 1:  # one token (every draft step): the unchecked decode step
             out = self.model.decode_step(tokens[:, begin:end], self.positions[:, begin:end], self.cache, begin,
                                          key_mask)[:, None]  # fmt: skip
         else:
+            at = None if last == 1 else torch.arange(end - begin - last, end - begin, device=tokens.device)
             out = self.model(tokens[:, begin:end], self.positions[:, begin:end], cache=self.cache, start=begin,
-                             key_mask=key_mask, last_only=last_only)  # fmt: skip
+                             key_mask=key_mask, last_only=last == 1, logits_at=at)  # fmt: skip
         self.forwards += 1
         if self.cache is not None:
             self.filled = end
