@@ -171,7 +171,7 @@ def speculative_generate_with_stats(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """`speculative_generate`'s tokens (B, T + n), and the round statistics: rounds (target verifications),
-    proposed and accepted draft tokens, acceptance_rate = accepted / proposed, forwards of each model, and
+    proposed and accepted draft tokens, acceptance_rate = accepted / proposed (nan if none), forwards of each model, and
     tokens_per_round = new tokens per verification (1 + the accepted drafts, on average)."""
     _check(model, draft_model, input_ids, max_new_tokens, num_draft_tokens, use_cache, attention_mask, temperature,
            top_k, top_p, eos_token_id, generator)  # fmt: skip
