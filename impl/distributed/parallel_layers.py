@@ -105,6 +105,13 @@ class ColumnParallelLinear(nn.Module):
         y = F.linear(copy_to_parallel(x, self.group), self.weight, self.bias)  # (..., out / tp)
         return gather_from_parallel(y, self.group) if self.gather_output else y
 
+    def lora_update(self, x: torch.Tensor, lora_A: nn.Module, lora_B: nn.Module) -> torch.Tensor:
+        """LoRA's B A x (Hu et al. 2021, Eq. 3) in this layer's layout: A (r, in) replicated, B this rank's output
+        rows (r columns). f sits on the r-wide A x, so its gradient, and with it A's and x's, sums every rank's
+        rows of B; f on x (before A) would leave A's gradient a partial sum."""
+        y = lora_B(copy_to_parallel(lora_A(x), self.group))  # (..., out / tp)
+        return gather_from_parallel(y, self.group) if self.gather_output else y
+
 
 class RowParallelLinear(nn.Module):
     """Y = sum_i X_i B_i^T + b: the input arrives split by features, the partial products are all-reduced."""
@@ -123,6 +130,11 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = reduce_from_parallel(F.linear(x, self.weight), self.group)  # (..., out)
         return y + self.bias if self.bias is not None else y
+
+    def lora_update(self, x: torch.Tensor, lora_A: nn.Module, lora_B: nn.Module) -> torch.Tensor:
+        """LoRA's B A x in this layer's layout: A this rank's input columns, B (out, r) replicated. g sums the
+        r-wide partial products A_i x_i before B, so B's gradient is whole (g after B would leave it partial)."""
+        return lora_B(reduce_from_parallel(lora_A(x), self.group))  # (..., out)
 
 
 class VocabParallelEmbedding(nn.Module):

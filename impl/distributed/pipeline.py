@@ -170,10 +170,10 @@ class PipelineSchedule:
 
 def sync_tied_gradients(module: nn.Module, group) -> None:
     """Sum the gradient of `module.tied_weight` between the first and the last stage of `group` (no-op elsewhere,
-    and on a single stage, where the weight is one tensor already)."""
+    on a single stage, where the weight is one tensor already, and for a frozen weight, e.g. under LoRA)."""
     n_stages, stage = dist.get_world_size(group), dist.get_rank(group)
     weight = getattr(module, "tied_weight", None)
-    if n_stages == 1 or weight is None or stage not in (0, n_stages - 1):
+    if n_stages == 1 or weight is None or not weight.requires_grad or stage not in (0, n_stages - 1):
         return
     if weight.grad is None:
         weight.grad = torch.zeros_like(weight)

@@ -82,6 +82,7 @@ def tensor_parallelize(gpt: GPT, group) -> GPT:
     _check_divisible("n_embd (the hidden size)", c.n_embd, tp)
     _check_divisible("n_head", c.n_head, tp)
     _check_divisible("4 * n_embd (the MLP width)", 4 * c.n_embd, tp)
+    _check_splittable(gpt)
     with torch.no_grad():
         for block in _blocks(gpt):
             attn, mlp = block.attn, block.mlp
@@ -112,8 +113,43 @@ def tensor_parallelize(gpt: GPT, group) -> GPT:
     return gpt
 
 
-def _parallel_linear(cls, linear: nn.Linear, group, **kwargs) -> nn.Module:
-    """`cls` (column- or row-parallel) holding this rank's slice of `linear`'s weight and bias."""
+def _is_lora(module: nn.Module) -> bool:
+    """impl.finetune's LoRALinear (peft's names), recognized by its parts: the areas do not import each other."""
+    return all(hasattr(module, name) for name in ("base_layer", "lora_A", "lora_B"))
+
+
+def _check_splittable(gpt: GPT) -> None:
+    """Every block linear is an nn.Linear, or a LoRA adapter on one; the tied embedding and head are plain."""
+    for block in _blocks(gpt):
+        for where, layer in (("attn.c_attn", block.attn.c_attn), ("attn.c_proj", block.attn.c_proj),
+                             ("mlp.c_fc", block.mlp.c_fc), ("mlp.c_proj", block.mlp.c_proj)):  # fmt: skip
+            base = layer.base_layer if _is_lora(layer) else layer
+            if type(base) is not nn.Linear:
+                raise ValueError(
+                    f"gpt: tensor_parallelize splits nn.Linear layers (or LoRA adapters on them); {where} holds a "
+                    f"{type(base).__name__}; use plain LoRA (not QLoRA's 4-bit base) or train without TP"
+                )
+    head, wte = gpt.lm_head, gpt.transformer["wte"]
+    for name, module, cls in (("lm_head", head, nn.Linear), ("transformer.wte", wte, nn.Embedding)):
+        if module is not None and type(module) is not cls:
+            raise ValueError(
+                f"gpt: {name} must be a plain {cls.__name__} for tensor_parallelize (the tied embedding is split by "
+                f"vocabulary), got {type(module).__name__}; leave it out of LoRA's target_modules"
+            )
+
+
+def _parallel_linear(cls, linear: nn.Module, group, **kwargs) -> nn.Module:
+    """`cls` (column- or row-parallel) holding this rank's slice of `linear`'s weight and bias. A LoRA adapter
+    stays, around the parallel base: its A (row-parallel) or B (column-parallel) is split like the weight."""
+    if _is_lora(linear):
+        linear.base_layer = _parallel_linear(cls, linear.base_layer, group, **kwargs)
+        layouts = _module_layouts(linear, None)
+        for name in ("lora_A", "lora_B"):
+            sub = getattr(linear, name)
+            local = _shard_tensor(sub.weight, layouts.get(f"{name}.weight"), group)
+            sub.weight = nn.Parameter(local, requires_grad=sub.weight.requires_grad)
+            sub.out_features, sub.in_features = local.shape
+        return linear
     w = linear.weight
     layer = cls(linear.in_features, linear.out_features, group, bias=linear.bias is not None, device="meta", **kwargs)
     layouts = _module_layouts(layer, None)
@@ -130,6 +166,10 @@ def _module_layouts(module: nn.Module, vocab_size: int | None) -> dict[str, tupl
     """{parameter name: layout} for the split parameters of `module` itself; absent names are replicated."""
     if isinstance(module, VocabParallelEmbedding):
         return {"weight": ("vocab", module.num_embeddings)}
+    if _is_lora(module) and isinstance(module.base_layer, ColumnParallelLinear):  # B's rows follow the output's
+        return {"lora_B.weight": ("column", module.base_layer.parts)}
+    if _is_lora(module) and isinstance(module.base_layer, RowParallelLinear):  # A's columns follow the input's
+        return {"lora_A.weight": ("row",)}
     if isinstance(module, ColumnParallelLinear):
         if vocab_size is not None:  # the output layer: rows are the (padded) vocabulary
             return {"weight": ("vocab", vocab_size)}

@@ -160,7 +160,13 @@ class Zero:
                 module.register_forward_hook(lambda _m, _args, out, flats=flats: self._after_forward(flats, out))
 
     def _after_forward(self, flats: list[_Flat], output) -> None:
-        """Free the module's parameters; gather them again when the gradient of its output arrives."""
+        """Free the module's parameters; gather them again when the gradient of its output arrives.
+
+        A forward that runs inside backward is a checkpoint's replay (Chen et al. 2016, Algorithm 1): its
+        pre-hooks have gathered the parameters again, and the replayed graph's backward, which comes next, reads
+        them, so they stay until `_reduce_grad` frees each one once its gradient is reduced."""
+        if torch._C._current_graph_task_id() != -1:  # -1 outside backward
+            return
         for f in flats:
             self._free(f)
         for t in tree_flatten(output)[0]:
@@ -363,6 +369,18 @@ def _check_args(model, optimizer_cls, stage, mixed_precision) -> None:
             raise TypeError(f"trainable parameters must be float32 (Zero makes the bf16 copies); {name!r} is {p.dtype}")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model must have at least one trainable parameter, got none")
+    tied = getattr(model, "tied_weight", None)
+    if stage >= 2 and isinstance(tied, torch.Tensor) and tied.requires_grad and not _holds_both_ends(model):
+        raise ValueError(
+            f"stage: ZeRO stage {stage} on a pipeline stage holding one end of a tied weight (split_gpt's first or "
+            "last stage) is not supported: ZeRO reduce-scatters and drops the tied gradient during backward, "
+            "before PipelineSchedule sums the two stages' gradients; use stage 0 or 1 with PipelineSchedule"
+        )
+
+
+def _holds_both_ends(model: nn.Module) -> bool:
+    """A pipeline stage that is first and last holds the tied weight as one tensor: nothing to sum."""
+    return bool(getattr(model, "first", False) and getattr(model, "last", False))
 
 
 def _check_state_dict(state_dict, module: nn.Module) -> tuple[dict, dict]:

@@ -68,11 +68,11 @@ class LoRALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.lora_A.in_features
+        return self.base_layer.in_features
 
     @property
     def out_features(self) -> int:
-        return self.lora_B.out_features
+        return self.base_layer.out_features
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha / r) * B A, shape (out_features, in_features), fp32."""
@@ -82,7 +82,9 @@ class LoRALinear(nn.Module):
         out = self.base_layer(x)
         if self.merged:
             return out
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+        h = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        parallel = getattr(self.base_layer, "lora_update", None)  # a tensor-parallel base puts its collectives in
+        update = (parallel(h, self.lora_A, self.lora_B) if parallel else self.lora_B(self.lora_A(h))) * self.scaling
         return (out + update).to(out.dtype)
 
     @torch.no_grad()
@@ -236,6 +238,11 @@ def _lora_layers(model: nn.Module, op: str) -> dict[str, LoRALinear]:
 
 
 def _features(module: nn.Module, where: str) -> tuple[int, int]:
+    if hasattr(module, "lora_update"):  # impl.distributed's column- and row-parallel linears
+        raise ValueError(
+            f"{where} is a tensor-parallel {type(module).__name__}: apply LoRA before tensor_parallelize, which then "
+            "shards each adapter with its layer and routes it through Megatron's f/g collectives"
+        )
     if not (
         isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
     ):
