@@ -12,8 +12,9 @@ batches; each refused one raises a ValueError naming both techniques before anyt
   silently wrong composition). LoRA applied after it is refused (the adapters could not be split consistently).
 - LoRA + pipeline parallelism: the frozen tied embedding gets no gradient from the tied-weight sync; the adapter
   gradients of the two stages equal the single-process LoRA GPT's.
-- Pipeline + ZeRO-2/3 on a stage that holds one end of the tied embedding: refused (ZeRO drops the tied gradient
-  before the pipeline can sum it); ZeRO-1 on the same stage is accepted.
+- Pipeline + ZeRO-2/3 (pp 2 x dp 2 on 4 ranks): ZeRO reduces the tied embedding's gradient in step(), after the
+  pipeline has summed the first and last stage's; a few AdamW steps equal single-process AdamW, and afterwards
+  each rank holds ZeRO's gradient shards only (`zero_state_bytes`), no whole tied gradient.
 
 fp32 tolerance (impl.common.tolerance): the distributed runs sum the same products in another order (all-reduces of
 partial sums), a few ulps per op; the negative controls move the compared values by orders of magnitude more.
@@ -24,7 +25,16 @@ import torch
 import torch.distributed as dist
 
 from impl.common import tolerance
-from impl.distributed import PipelineSchedule, Zero, shard_state_dict, spawn, split_gpt, tensor_parallelize
+from impl.distributed import (
+    PipelineSchedule,
+    Zero,
+    shard_state_dict,
+    spawn,
+    split_gpt,
+    tensor_parallelize,
+    tp_groups,
+    zero_state_bytes,
+)
 from impl.finetune import apply_lora
 from impl.gpt import GPT, GPTConfig, cross_entropy
 from impl.memory import apply_checkpointing
@@ -136,18 +146,35 @@ def _refusals(group) -> dict:
             return str(e)
         return "no error"
 
-    rank = dist.get_rank(group)
-    dp = [dist.new_group([r]) for r in range(dist.get_world_size(group))][rank]  # pp 2 x dp 1: ZeRO over dp
-    stage = split_gpt(_gpt(), 2)[rank]
     lora_head = apply_lora(_gpt(), ["c_fc", "lm_head"], R, ALPHA)
-    zero1 = Zero(split_gpt(_gpt(), 2)[rank], torch.optim.AdamW, stage=1, process_group=dp)
     return {
         "lora_after_tp": message(lambda: apply_lora(tensor_parallelize(_gpt(), group), TARGETS, R, ALPHA)),
         "lora_head_tp": message(lambda: tensor_parallelize(lora_head, group)),
-        "pp_zero2": message(lambda: Zero(stage, torch.optim.AdamW, stage=2, process_group=dp)),
-        "pp_zero3": message(lambda: Zero(stage, torch.optim.AdamW, stage=3, process_group=dp)),
-        "pp_zero1": zero1.stage,
     }
+
+
+def _pp_zero(rank: int, world_size: int) -> dict:
+    """pp 2 (consecutive ranks) x dp 2: each stage trained by ZeRO-2 or -3 over its dp group, STEPS steps; and
+    ZeRO-2 with the tied embedding's reduce left in backward ("old": the composition before the fix)."""
+    groups = tp_groups(2)  # "tp" groups are consecutive ranks: here, the pipeline's
+    pp, dp, dp_rank = groups.tp_group, groups.dp_group, groups.dp_rank
+    out = {}
+    for zero_stage in (2, 3, "old"):
+        stage = split_gpt(_gpt(), 2)[dist.get_rank(pp)]
+        # "old": Zero gets the stage inside a container, so it does not see the stage's tied_weight
+        wrapped = torch.nn.ModuleDict({"stage": stage}) if zero_stage == "old" else stage
+        zero = Zero(wrapped, torch.optim.AdamW, stage=2 if zero_stage == "old" else zero_stage, process_group=dp, **OPT)
+        schedule = PipelineSchedule(stage, pp, "1f1b", n_microbatches=2, loss_fn=cross_entropy)
+        for step in range(STEPS):
+            schedule.step(*(t.chunk(2)[dp_rank] for t in _batch(step)))
+            zero.step()
+            if step < STEPS - 1:  # the last step's gradient shards stay, to be counted
+                zero.zero_grad()
+        numels = [p.numel() for p in stage.parameters() if p.requires_grad]
+        expected = zero_state_bytes(numels, stage=zero.stage, world_size=2, rank=dp_rank)["grads"]
+        model = {name.removeprefix("stage."): t for name, t in zero.state_dict()["model"].items()}
+        out[zero_stage] = {"model": model, "grads": (zero.memory_breakdown()["grads"], expected)}
+    return out
 
 
 def _world2(rank: int, world_size: int) -> dict:
@@ -163,6 +190,11 @@ def _world2(rank: int, world_size: int) -> dict:
 @pytest.fixture(scope="module")
 def world2() -> list:
     return spawn(_world2, 2, timeout_s=TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def pp_zero() -> list:
+    return spawn(_pp_zero, 4, timeout_s=TIMEOUT_S)
 
 
 def _assert_all_close(ours: dict, reference: dict) -> None:
@@ -235,10 +267,37 @@ def test_lora_on_pipeline_stages_matches_single_process_and_leaves_the_tied_embe
 # ---- pipeline + ZeRO-2/3 ----
 
 
-def test_zero2_and_zero3_on_a_tied_pipeline_stage_are_refused_zero1_accepted(world2):
-    for rank_result in world2:
-        refusals = rank_result["refusals"]
-        for stage in (2, 3):
-            text = refusals[f"pp_zero{stage}"]
-            assert f"ZeRO stage {stage}" in text and "PipelineSchedule" in text and "stage 0 or 1" in text, text
-        assert refusals["pp_zero1"] == 1
+def _stage_vs_reference(model: dict, reference: dict) -> tuple[dict, dict]:
+    """A stage's parameters beside the reference's of the same name (the last stage's head is the tied wte)."""
+    names = {n: "transformer.wte.weight" if n == "lm_head.weight" else n for n in model}
+    ours = {n: t for n, t in model.items() if names[n] in reference}
+    return ours, {n: reference[names[n]] for n in ours}
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3], ids=["zero2", "zero3"])
+def test_pipeline_with_zero_matches_single_process_adamw(pp_zero, zero_stage):
+    trained, perturbed = _reference_training(), _reference_training(perturb=True)
+    seen = set()
+    for rank_result in pp_zero:
+        ours, reference = _stage_vs_reference(rank_result[zero_stage]["model"], trained)
+        _assert_all_close(ours, reference)
+        seen |= set(ours)
+        held, expected = rank_result[zero_stage]["grads"]
+        assert held == expected, (held, expected)  # shards only: no whole tied gradient left behind
+    assert {"transformer.wte.weight", "lm_head.weight"} <= seen
+    assert {n for n in seen if n != "lm_head.weight"} == set(trained)
+    with pytest.raises(AssertionError):  # negative control: one changed token in one batch
+        _assert_all_close(*_stage_vs_reference(pp_zero[-1][zero_stage]["model"], perturbed))
+
+
+def test_pipeline_with_zero2_reducing_the_tied_gradient_in_backward_is_wrong(pp_zero):
+    """Negative control for the fix: the tied gradient reduced during backward (before the fix) misses the other
+    stage's half, so the tied embedding ends up wrong, and a whole gradient is left beside ZeRO's shards."""
+    trained = _reference_training()
+    for rank_result in pp_zero:
+        ours, reference = _stage_vs_reference(rank_result["old"]["model"], trained)
+        tied = "lm_head.weight" if "lm_head.weight" in ours else "transformer.wte.weight"
+        with pytest.raises(AssertionError):
+            _assert_all_close({tied: ours[tied]}, reference)
+        held, expected = rank_result["old"]["grads"]
+        assert held > expected

@@ -13,6 +13,11 @@ take (bytes; in fp32 the parameters are their own master copy and the pattern is
 Every trainable tensor is flattened, padded to a multiple of N and cut into N equal shards; rank r owns shard r
 of each and runs the optimizer (torch's own, e.g. AdamW) on its shards only. The padding is counted in
 `memory_breakdown()` and `_Comm.bytes_moved`, so measured bytes match the formulas above exactly.
+
+Composition: under stage 3 a forward that runs inside backward (a checkpoint's replay) keeps the parameters its
+pre-hooks gathered until their gradients are reduced. Under stages 2-3 a pipeline stage's tied weight (see
+`PipelineSchedule`, which sums its gradient over the first and last stage after backward) is reduced in `step()`,
+as in stage 1: its whole gradient lives until then, then the rank keeps only its shard.
 """
 
 from collections.abc import Sequence
@@ -73,6 +78,7 @@ class _Flat:
     master: torch.Tensor  # what the optimizer updates: fp32 `shard`, or its own fp32 copy in mixed precision
     grad: torch.Tensor | None = None  # stages 2-3: this rank's averaged gradient shard
     gathered: bool = True
+    deferred: bool = False  # stages 2-3: reduced in step(), not in backward (a pipeline's tied weight)
 
     def slice(self, full_value: torch.Tensor) -> torch.Tensor:
         """This rank's shard of a tensor shaped like the parameter."""
@@ -113,7 +119,11 @@ class Zero:
         self.optimizer = optimizer_cls([f.master for f in self._flats], **optimizer_kwargs)
         self.comm.bytes_moved = 0  # count training traffic only, not the initial broadcast
         if stage >= 2:
+            tied = _pipeline_tied_weight(model)
             for f in self._flats:
+                if f.param is tied:  # PipelineSchedule adds the other stage's gradient after backward
+                    f.deferred = True
+                    continue
                 f.param.register_post_accumulate_grad_hook(lambda _, f=f: self._reduce_grad(f))
         if stage == 3:
             self._install_gather_hooks()
@@ -185,14 +195,19 @@ class Zero:
             self._free(f)
 
     def _averaged_grad(self, f: _Flat) -> torch.Tensor | None:
-        """This rank's averaged gradient shard (stage 0: the whole averaged gradient)."""
+        """This rank's averaged gradient shard (stage 0: the whole averaged gradient). A deferred gradient (a
+        pipeline's tied weight, whole until PipelineSchedule has summed both stages') is reduced here, as in
+        stage 1, and then held as a shard like every other stage 2-3 gradient."""
         grad = f.param.grad
-        if self.stage >= 2 or grad is None:
+        if (self.stage >= 2 and not f.deferred) or grad is None:
             return f.grad
         if self.stage == 0:
             self.comm.all_reduce_mean(grad)
             return grad.reshape(-1)
-        return self.comm.reduce_scatter_mean(F.pad(grad.reshape(-1), (0, f.padded - f.numel)))
+        shard = self.comm.reduce_scatter_mean(F.pad(grad.reshape(-1), (0, f.padded - f.numel)))
+        if f.deferred:
+            f.grad, f.param.grad = shard, None
+        return shard
 
     @torch.no_grad()
     def step(self) -> None:
@@ -369,18 +384,14 @@ def _check_args(model, optimizer_cls, stage, mixed_precision) -> None:
             raise TypeError(f"trainable parameters must be float32 (Zero makes the bf16 copies); {name!r} is {p.dtype}")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model must have at least one trainable parameter, got none")
+
+
+def _pipeline_tied_weight(model: nn.Module) -> nn.Parameter | None:
+    """The trainable `tied_weight` of a pipeline stage holding one end of it (`split_gpt`'s first or last stage,
+    not both: a single stage holds it as one tensor), whose gradient `PipelineSchedule` sums after backward."""
     tied = getattr(model, "tied_weight", None)
-    if stage >= 2 and isinstance(tied, torch.Tensor) and tied.requires_grad and not _holds_both_ends(model):
-        raise ValueError(
-            f"stage: ZeRO stage {stage} on a pipeline stage holding one end of a tied weight (split_gpt's first or "
-            "last stage) is not supported: ZeRO reduce-scatters and drops the tied gradient during backward, "
-            "before PipelineSchedule sums the two stages' gradients; use stage 0 or 1 with PipelineSchedule"
-        )
-
-
-def _holds_both_ends(model: nn.Module) -> bool:
-    """A pipeline stage that is first and last holds the tied weight as one tensor: nothing to sum."""
-    return bool(getattr(model, "first", False) and getattr(model, "last", False))
+    both_ends = getattr(model, "first", False) and getattr(model, "last", False)
+    return tied if isinstance(tied, nn.Parameter) and tied.requires_grad and not both_ends else None
 
 
 def _check_state_dict(state_dict, module: nn.Module) -> tuple[dict, dict]:
