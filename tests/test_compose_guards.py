@@ -35,7 +35,7 @@ from impl.distributed import (
     tp_groups,
     zero_state_bytes,
 )
-from impl.finetune import apply_lora
+from impl.finetune import apply_lora, apply_qlora
 from impl.gpt import GPT, GPTConfig, cross_entropy
 from impl.memory import apply_checkpointing
 
@@ -150,6 +150,7 @@ def _refusals(group) -> dict:
     return {
         "lora_after_tp": message(lambda: apply_lora(tensor_parallelize(_gpt(), group), TARGETS, R, ALPHA)),
         "lora_head_tp": message(lambda: tensor_parallelize(lora_head, group)),
+        "qlora_tp": message(lambda: tensor_parallelize(apply_qlora(_gpt(), TARGETS, R, ALPHA, blocksize=16), group)),
     }
 
 
@@ -241,11 +242,12 @@ def test_lora_adapter_without_f_and_g_gets_wrong_gradients(world2):
             _assert_all_close(tp["no_collectives"], tp["reference"])
 
 
-def test_lora_after_tp_and_lora_on_the_tied_head_are_refused(world2):
+def test_lora_after_tp_lora_on_the_tied_head_and_qlora_under_tp_are_refused(world2):
     refusals = world2[0]["refusals"]
     assert "apply LoRA before tensor_parallelize" in refusals["lora_after_tp"], refusals["lora_after_tp"]
     assert "ColumnParallelLinear" in refusals["lora_after_tp"]
     assert "lm_head" in refusals["lora_head_tp"] and "LoRALinear" in refusals["lora_head_tp"]
+    assert "Linear4bit" in refusals["qlora_tp"] and "plain LoRA" in refusals["qlora_tp"], refusals["qlora_tp"]
 
 
 # ---- LoRA + pipeline parallelism ----
