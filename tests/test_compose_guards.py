@@ -12,6 +12,8 @@ batches; each refused one raises a ValueError naming both techniques before anyt
   silently wrong composition). LoRA applied after it is refused (the adapters could not be split consistently).
 - LoRA + pipeline parallelism: the frozen tied embedding gets no gradient from the tied-weight sync; the adapter
   gradients of the two stages equal the single-process LoRA GPT's.
+- Pipeline + checkpointing: each stage's blocks (a ModuleDict) are checkpointed after split_gpt and give the plain
+  GPT's gradients; checkpointing before split_gpt is refused (the copied blocks would run the originals' forward).
 - Pipeline + ZeRO-2/3 (pp 2 x dp 2 on 4 ranks): ZeRO reduces the tied embedding's gradient in step(), after the
   pipeline has summed the first and last stage's; a few AdamW steps equal single-process AdamW, and afterwards
   each rank holds ZeRO's gradient shards only (`zero_state_bytes`), no whole tied gradient.
@@ -85,6 +87,16 @@ def _lora_reference(perturb: bool = False) -> tuple[torch.Tensor, dict]:
     return loss.detach(), _grads(gpt)
 
 
+def _full_reference(perturb: bool = False) -> tuple[torch.Tensor, dict]:
+    """The plain GPT's loss and gradients on the whole batch; the tied head's gradient under both names."""
+    gpt = _gpt()
+    _, loss = gpt(*_batch(perturb=perturb))
+    loss.backward()
+    grads = _grads(gpt)
+    grads["lm_head.weight"] = grads["transformer.wte.weight"]
+    return loss.detach(), grads
+
+
 def _reference_training(perturb: bool = False) -> dict:
     gpt = _gpt()
     optimizer = torch.optim.AdamW(gpt.parameters(), **OPT)
@@ -138,6 +150,18 @@ def _pp_lora(group) -> dict:
     return {"loss": loss, "grads": _grads(stage), "tied_grad": stage.tied_weight.grad}
 
 
+def _pp_checkpointed(group) -> dict:
+    """Each pipeline stage checkpoints every block (applied after split_gpt); its blocks' forward runs counted."""
+    stage = split_gpt(_gpt(), 2)[dist.get_rank(group)]
+    apply_checkpointing(stage, "every")
+    runs = []
+    for block in stage.transformer.h.values():
+        block.ln_1.register_forward_hook(lambda *_: runs.append(1))
+    schedule = PipelineSchedule(stage, group, "1f1b", n_microbatches=2, loss_fn=cross_entropy)
+    loss = schedule.step(*_batch())
+    return {"loss": loss, "grads": _grads(stage), "runs": len(runs), "blocks": len(stage.transformer.h)}
+
+
 def _refusals(group) -> dict:
     def message(fn) -> str:
         try:
@@ -184,6 +208,7 @@ def _world2(rank: int, world_size: int) -> dict:
         "zero3": _zero3_checkpointed(rank, world_size),
         "tp_lora": _tp_lora(group),
         "pp_lora": _pp_lora(group),
+        "pp_checkpointed": _pp_checkpointed(group),
         "refusals": _refusals(group),
     }
 
@@ -264,6 +289,29 @@ def test_lora_on_pipeline_stages_matches_single_process_and_leaves_the_tied_embe
     _assert_all_close(both, grads)
     with pytest.raises(AssertionError):  # negative control: one changed token in the reference's batch
         _assert_all_close(both, _lora_reference(perturb=True)[1])
+
+
+# ---- pipeline + checkpointing ----
+
+
+def test_checkpointed_pipeline_stages_match_single_process(world2):
+    """Each stage checkpoints its blocks (a ModuleDict keyed by global index): every block runs twice per
+    micro-batch (forward and replay), and the two stages' gradients (the tied embedding's summed) are the plain
+    GPT's on the whole batch."""
+    loss, grads = _full_reference()
+    for rank_result in world2:
+        run = rank_result["pp_checkpointed"]
+        assert run["runs"] == 2 * 2 * run["blocks"]  # 2 micro-batches, forward + replay
+        _assert_all_close(run["grads"], grads)
+    torch.testing.assert_close(world2[-1]["pp_checkpointed"]["loss"], loss, **tolerance(torch.float32))
+    with pytest.raises(AssertionError):  # negative control: one changed token in the reference's batch
+        _assert_all_close(world2[0]["pp_checkpointed"]["grads"], _full_reference(perturb=True)[1])
+
+
+def test_split_gpt_refuses_a_checkpointed_gpt():
+    """A deep copy of a wrapped block would keep running the original block's forward (silently wrong)."""
+    with pytest.raises(ValueError, match="apply checkpointing to each stage after split_gpt"):
+        split_gpt(apply_checkpointing(_gpt(), "every"), 2)
 
 
 # ---- pipeline + ZeRO-2/3 ----

@@ -234,6 +234,12 @@ def split_gpt(gpt: GPT, n_stages: int) -> list[GPTStage]:
     check_int("n_stages", n_stages, low=1)
     if n_stages > n_layer:
         raise ValueError(f"n_stages must be at most n_layer={n_layer}, got {n_stages}")
+    wrapped = [name or "gpt" for name, m in gpt.named_modules() if "forward" in vars(m)]
+    if wrapped:  # a deep copy would keep calling the original module's forward, silently
+        raise ValueError(
+            f"gpt: {wrapped[0]} has its forward wrapped (impl.memory.apply_checkpointing?); split_gpt copies the "
+            "blocks, so apply checkpointing to each stage after split_gpt"
+        )
     bounds = [s * n_layer // n_stages for s in range(n_stages + 1)]
     return [GPTStage(gpt, range(bounds[s], bounds[s + 1]), s == 0, s == n_stages - 1) for s in range(n_stages)]
 

@@ -25,9 +25,11 @@ BLOCK_PATHS = ("transformer.h", "model.layers", "blocks", "layers", "h")
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
-def find_blocks(model: nn.Module, blocks: str | None = None) -> nn.ModuleList:
-    """The model's ModuleList of blocks: at the attribute path `blocks`, else the outermost ModuleList whose
-    path ends with one of `BLOCK_PATHS` (nanoGPT's `transformer.h`, Llama's `model.layers`, `blocks`...)."""
+def find_blocks(model: nn.Module, blocks: str | None = None) -> nn.ModuleList | nn.ModuleDict:
+    """The model's stack of blocks, an nn.ModuleList (or an nn.ModuleDict, run in its order: a pipeline stage's
+    blocks keyed by their global index): at the attribute path `blocks`, else the outermost one whose path ends
+    with one of `BLOCK_PATHS` (nanoGPT's `transformer.h`, Llama's `model.layers`, `blocks`...)."""
+    stacks = (nn.ModuleList, nn.ModuleDict)
     if blocks is not None:
         if not isinstance(blocks, str):
             raise TypeError(f"blocks must be an attribute path such as 'model.layers', got {type(blocks).__name__}")
@@ -35,11 +37,11 @@ def find_blocks(model: nn.Module, blocks: str | None = None) -> nn.ModuleList:
             found = model.get_submodule(blocks)
         except AttributeError:
             raise ValueError(f"blocks: {type(model).__name__} has no submodule at {blocks!r}") from None
-        if not isinstance(found, nn.ModuleList):
+        if not isinstance(found, stacks):
             raise TypeError(f"blocks: expected an nn.ModuleList at {blocks!r}, got {type(found).__name__}")
         return found
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and any(name == p or name.endswith("." + p) for p in BLOCK_PATHS):
+        if isinstance(module, stacks) and any(name == p or name.endswith("." + p) for p in BLOCK_PATHS):
             return module
     raise ValueError(
         f"blocks: found no nn.ModuleList at any of {BLOCK_PATHS} in {type(model).__name__}; "
@@ -117,6 +119,7 @@ def apply_checkpointing(model: nn.Module, policy: str, *, k: int | None = None, 
     Applying again replaces the previous policy; `none` removes it."""
     check_instance("model", model, nn.Module, "an nn.Module")
     stack = find_blocks(model, blocks)
+    stack = list(stack.values() if isinstance(stack, nn.ModuleDict) else stack)
     lengths = segment_lengths(len(stack), policy, k)
     for block in stack:
         if getattr(block, "gradient_checkpointing", False):
