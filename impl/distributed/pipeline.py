@@ -65,7 +65,8 @@ class PipelineSchedule:
     gradients of the whole batch in `module`'s parameters (it does not zero them nor step an optimizer). The
     first stage needs `inputs`, the last `targets` and computes `loss_fn(output, target)`; every rank may pass
     both. A module with a `tied_weight` attribute on the first and last stage (the GPT's embedding, reused as
-    its output layer: see `split_gpt`) gets that weight's two gradients summed on both.
+    its output layer: see `split_gpt`) gets that weight's two gradients summed on both (a frozen one, under LoRA,
+    none); `Zero` stages 2-3 reduce that gradient in their `step()`, after this sum.
     """
 
     def __init__(

@@ -33,6 +33,12 @@ In place means: each block's `attn.c_attn` (column-parallel, this rank's q, k an
 `gpt.loss_fn` becomes the vocab-parallel cross-entropy (targets of -100 are ignored, like F.cross_entropy).
 Parts the GPT does not hold (a pipeline stage's) are skipped. Parameter names stay the GPT's.
 
+LoRA (impl.finetune.apply_lora) is applied before, on the full GPT: a block linear wrapped in a LoRALinear keeps
+its adapter around the parallel base, with B split by output rows under a column-parallel base (A replicated)
+and A split by input columns under a row-parallel one (B replicated); the base's `lora_update` puts f or g on the
+adapter's r-wide activation. The tied embedding and head stay plain (no LoRA there), and QLoRA's 4-bit base is
+refused. LoRA applied after this function is refused by apply_lora.
+
 Everything else (LayerNorms, the position embedding, row-parallel biases) is replicated, and its gradient is the
 same on every rank of `group` (the f/g pair makes the gradient of every replicated activation identical), so
 data parallelism over the other dimension (DDP, FSDP or `Zero` with `process_group=` the data-parallel group)

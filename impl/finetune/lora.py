@@ -8,6 +8,9 @@ so inference costs nothing extra.
 Module and parameter names follow peft (`base_layer`, `lora_A`, `lora_B`, `lora_dropout`), and `save_adapter`
 writes peft's on-disk format (adapter_config.json + adapter_model.safetensors with keys
 `base_model.model.<module>.lora_A.weight`), so adapters move between this module and `peft.PeftModel` unchanged.
+
+Under tensor parallelism (impl.distributed.tensor_parallelize, applied after LoRA) the base is a column- or
+row-parallel linear, and its `lora_update` computes B A x with the collectives its split needs.
 """
 
 import json
