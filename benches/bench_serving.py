@@ -27,6 +27,7 @@ the case where a static batch waits for its longest member and pads every row to
   the sequences' last blocks then (Kwon et al. 2023 sec. 4.2). The time is one run of the trace.
 """
 
+import inspect
 import math
 import time
 
@@ -160,7 +161,9 @@ def _transformers(hf, trace, concurrency: int, num_blocks: int):
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     config = GenerationConfig(do_sample=False, eos_token_id=None, max_new_tokens=max(n for _, n in trace))
-    cb = ContinuousBatchingConfig(page_size=BLOCK_SIZE, num_blocks=num_blocks, max_requests_per_batch=concurrency,
+    # the page size is `page_size` in transformers 5.24 and `block_size` in 5.17 (the GPU image's)
+    page = "page_size" if "page_size" in inspect.signature(ContinuousBatchingConfig).parameters else "block_size"
+    cb = ContinuousBatchingConfig(**{page: BLOCK_SIZE}, num_blocks=num_blocks, max_requests_per_batch=concurrency,
                                   max_batch_tokens=512, allow_block_sharing=False)  # fmt: skip
     results = {}
     with hf.continuous_batching_context_manager(generation_config=config, continuous_batching_config=cb,

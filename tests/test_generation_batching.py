@@ -4,6 +4,8 @@ paged cache) on the same requests; prefills and decodes of different requests sh
 at once, a cache too small for all requests preempts (recompute) and still loses nothing; bad input is refused
 before any work. Each equality has a negative control."""
 
+import inspect
+
 import pytest
 import torch
 import transformers
@@ -83,7 +85,9 @@ def test_each_request_equals_transformers_generate_alone(setup):
 def test_equals_transformers_continuous_batching(setup, monkeypatch):
     hf, ours, prompts, expected = setup
     config = GenerationConfig(max_new_tokens=max(n for _, n in REQUESTS), do_sample=False, eos_token_id=None)
-    cb = ContinuousBatchingConfig(page_size=16, num_blocks=32, max_batch_tokens=64, allow_block_sharing=False)
+    # the page size is `page_size` in transformers 5.24 and `block_size` in 5.17 (the GPU image's)
+    page = "page_size" if "page_size" in inspect.signature(ContinuousBatchingConfig).parameters else "block_size"
+    cb = ContinuousBatchingConfig(**{page: 16}, num_blocks=32, max_batch_tokens=64, allow_block_sharing=False)
     # generate_batch takes one max_new_tokens for all requests: each request's tokens are the first max_new_tokens
     # of that longest run (a greedy continuation does not depend on where it is cut off).
     out = hf.generate_batch(prompts, generation_config=config, continuous_batching_config=cb, warmup=False)
