@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             print("error: no benchmark produced results; report not rendered", file=sys.stderr)
             return max(codes, default=1) or 1
         merge_into(fresh, json_path, keep_others=args.keyword is not None or bool(args.pytest_args))
+        for picture in work.glob("*.png"):  # bench.save_image's files, named in the rows beside the JSON
+            shutil.move(picture, out / picture.name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     try:

@@ -39,6 +39,8 @@ def test_attention(bench, provider):
     scale = 1 / math.sqrt(16) * (1.0 if provider == "right" else 1.01)
     bench(lambda: attention(q, k, v, scale), variant=provider, params={"seq_len": 64}, dtype=torch.float32,
           flops=attention_flops(1, 2, 64, 64, 16), expected=F.scaled_dot_product_attention(q, k, v))
+    if provider == "right":
+        bench.save_image("toy_picture", torch.rand(8, 8, generator=torch.Generator().manual_seed(0)))
 
 
 @pytest.mark.benchmark(group="toy-attention")
@@ -114,6 +116,15 @@ def test_a_wrong_kernel_fails_its_benchmark_and_the_right_one_passes(budgeted):
     line = next(x for x in report.splitlines() if x.startswith("| perturbed-scale"))
     assert "failed: AssertionError: perturbed-scale: output differs from the reference" in line
     assert "% of roof" in report  # flops were given: the roofline column is there
+
+
+def test_a_saved_picture_lands_beside_the_json_and_in_the_report(budgeted):
+    """bench.save_image writes into the run's work folder, which goes at the end: the runner moves the pictures
+    to --out first, so the report shows them instead of "was not found"."""
+    _, out = budgeted
+    assert (out / "toy_picture.png").is_file()
+    report = (out / "README.md").read_text()
+    assert "toy_picture.png" in report and "was not found" not in report
 
 
 def test_a_compile_failure_is_a_skipped_row_with_the_reason(budgeted):

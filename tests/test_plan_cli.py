@@ -340,3 +340,19 @@ def test_questions_are_answered_by_the_planner(q):
 
 def test_largest_fitting_is_zero_when_nothing_fits():
     assert largest_fitting(KNOWN_MODELS["llama-2-70b"], Setup(), "seq_len", 2**30) == 0
+
+
+def test_every_swept_configuration_counts_as_validated_and_outside_mixes_are_named(capsys):
+    """`unvalidated` agrees with the sweep: none of impl.plan.validate's configurations gets a reason, a mix the
+    sweep leaves out (LoRA with TP) does, and the command prints it under the verdict (the default mix: no line)."""
+    from impl.plan import unvalidated
+    from impl.plan.validate import CONFIGS
+
+    assert [name for name, shape, setup in CONFIGS if unvalidated(shape, setup)] == []
+    lora_tp = Setup(finetune="lora", tp=2, world_size=2)
+    assert any("LoRA/QLoRA with TP" in why for why in unvalidated(model_shape("gpt2"), lora_tp))
+    _, out, _ = _run(["gpt2", "--finetune", "lora", "--tp", "2", "--world-size", "2", "--device-memory", "80GiB"],
+                     capsys)  # fmt: skip
+    assert "not validated by measurement: LoRA/QLoRA with TP" in out
+    _, out, _ = _run([*QLORA_7B, "--device-memory", "24GiB"], capsys)
+    assert "not validated" not in out

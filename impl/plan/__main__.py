@@ -19,6 +19,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from impl.common import cli
+from impl.plan.configs import unvalidated
 from impl.plan.devices import DEVICES, device, parse_memory
 from impl.plan.setup import CHECKPOINTING, DTYPES, FINETUNES, OPTIMIZERS, SCHEDULES, Setup
 from impl.plan.shapes import KNOWN_MODELS, model_shape
@@ -169,6 +170,7 @@ def report(shape, setup, device_bytes: int, device_name: str) -> dict:
         "fits": p.fits(device_bytes),
         "margin": device_bytes - p.total,
         "levers": [{"what": what, "saved": saved} for what, saved in levers(shape, setup, device_bytes)],
+        "not_validated": unvalidated(shape, setup),
     }
 
 
@@ -192,6 +194,7 @@ def render(r: dict) -> str:
     if r["levers"]:
         text = "; ".join(f"{x['what']} saves {human(x['saved'])}" for x in r["levers"][:4])
         lines.append(f"largest levers: {text}")
+    lines += [f"not validated by measurement: {why}" for why in r["not_validated"]]
     return "\n".join(lines)
 
 

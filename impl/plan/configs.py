@@ -117,3 +117,24 @@ CONFIGS: list[tuple[str, ModelShape, Setup]] = [
     _c("gpt", "pp2-dp2-zero1", pp=2, world_size=4, zero_stage=1, micro_batches=2),
 ]  # fmt: skip
 BY_NAME = {name: (shape, setup) for name, shape, setup in CONFIGS}
+
+
+def unvalidated(shape: ModelShape, setup: Setup) -> list[str]:
+    """Why the validation sweep has measured nothing like this mix (empty: every pair of its settings was measured).
+    The planner still computes these from the same formulas; the command prints the reasons under its verdict."""
+    lora = setup.finetune in ("lora", "qlora")
+    reasons = [
+        (shape.family == "llama" and (setup.tp > 1 or setup.pp > 1),
+         "TP/PP on a Llama-family model: the project's TP and PP are built for the GPT, so it was never measured"),
+        (lora and setup.tp > 1, "LoRA/QLoRA with TP: composes (LoRA first), but the adapters' collectives are not "
+                                "modelled"),
+        (lora and setup.pp > 1, "LoRA/QLoRA with PP: not in the sweep"),
+        (setup.pp > 1 and setup.checkpointing != "none", "PP with checkpointing: not in the sweep"),
+        (setup.zero_stage == 3 and setup.checkpointing != "none",
+         "ZeRO-3 with checkpointing: a replay keeps a whole segment's gathered weights, not modelled"),
+        (setup.pp > 1 and setup.zero_stage >= 2,
+         "PP with ZeRO-2/3: a tied stage's full embedding gradient until step() is not modelled"),
+        (setup.dtype == "float16", "float16: formula only (the sweep measures float32 and bfloat16)"),
+        (setup.mode == "inference" and setup.tp > 1, "tensor-parallel decoding: formula only"),
+    ]  # fmt: skip
+    return [why for hit, why in reasons if hit]
