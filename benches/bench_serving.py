@@ -39,6 +39,8 @@ from impl.generation import Llama
 from impl.generation.batching import ContinuousBatcher
 from impl.generation.paged import PagedKVCache
 
+ESTIMATED_S = {"smoke": 40, "small": 180, "full": 120}  # seconds per --size, for the runner's budget
+
 MODELS = {
     "smoke": dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2),

@@ -45,7 +45,7 @@ GENERATE = {"smoke": (16, 16), "small": (32, 64), "full": (64, 128)}  # (prompt 
 SWEEP_K = {"smoke": [2, 4], "small": [1, 2, 4, 8], "full": [1, 2, 4, 8]}
 FIXED_K = 4  # the draft-size sweep's k
 # Seconds for the whole module (impl.bench's schedule): smoke and small on the 2-core CPU, full on one GPU.
-ESTIMATED_S = {"smoke": 25, "small": 420, "full": 150}
+ESTIMATED_S = {"smoke": 25, "small": 240, "full": 150}
 VARIANTS = ["target alone", "ours speculative", "transformers assisted"]
 DECODINGS = ["greedy", "sampled"]
 
