@@ -23,10 +23,10 @@ from impl.generation.model import Llama
 from impl.generation.sampling import sample_next
 
 
-def _check(
-    model, input_ids, max_new_tokens, use_cache, attention_mask, temperature, top_k, top_p, eos_token_id, generator,
-    compile, draft_model, cache_quantized,
-) -> None:  # fmt: skip
+def check_inputs(
+    model, input_ids, max_new_tokens, use_cache, attention_mask, temperature, top_k, top_p, eos_token_id, generator
+) -> None:
+    """The checks every generation entry point makes once, before any work (`generate`, speculative decoding)."""
     if not isinstance(model, Llama):
         raise TypeError(f"model must be an impl.generation.Llama, got {type(model).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
@@ -58,6 +58,15 @@ def _check(
     if eos_token_id is not None:
         check_int("eos_token_id", eos_token_id, low=0, high=vocab, high_open=True)
     check_generator("generator", generator)
+
+
+def _check(
+    model, input_ids, max_new_tokens, use_cache, attention_mask, temperature, top_k, top_p, eos_token_id, generator,
+    compile, draft_model, cache_quantized,
+) -> None:  # fmt: skip
+    check_inputs(
+        model, input_ids, max_new_tokens, use_cache, attention_mask, temperature, top_k, top_p, eos_token_id, generator
+    )
     check_bool("compile", compile)
     if compile and not use_cache:
         raise ValueError("compile=True compiles the cached decode step; it needs use_cache=True, got use_cache=False")

@@ -29,16 +29,10 @@ next round from an earlier slot: the stale keys and values beyond it are never a
 import torch
 
 from impl.common.checks import (
-    check_bool,
-    check_generator,
     check_instance,
-    check_int,
-    check_number,
     check_positive_int,
-    check_probability,
-    check_tensor,
-    check_token_ids,
 )
+from impl.generation.decoding import check_inputs
 from impl.generation.model import Llama
 from impl.generation.sampling import filter_top_k, filter_top_p
 
@@ -103,7 +97,7 @@ class _Decoder:
 
 def _check(model, draft_model, input_ids, max_new_tokens, num_draft_tokens, use_cache, attention_mask,
            temperature, top_k, top_p, eos_token_id, generator) -> None:  # fmt: skip
-    """`decoding.generate`'s checks (repeated here for direct callers), then the draft's."""
+    """The draft's checks, then generate's own (`decoding.check_inputs`, for direct callers), the draft's length."""
     check_instance("model", model, Llama, "an impl.generation.Llama")
     check_instance("draft_model", draft_model, Llama, "an impl.generation.Llama")
     check_positive_int("num_draft_tokens", num_draft_tokens)
@@ -115,31 +109,15 @@ def _check(model, draft_model, input_ids, max_new_tokens, num_draft_tokens, use_
     target_device, draft_device = model.lm_head.weight.device, draft_model.lm_head.weight.device
     if draft_device != target_device:
         raise ValueError(f"draft_model must be on the target's device {target_device}, got {draft_device}")
-    check_tensor("input_ids", input_ids, shape=("batch", "seq"), dtype=torch.long)
-    if input_ids.shape[1] == 0:
-        raise ValueError("input_ids must hold at least one token per row, got seq length 0")
-    check_token_ids("input_ids", input_ids, vocab)
-    check_positive_int("max_new_tokens", max_new_tokens)
-    total = input_ids.shape[1] + max_new_tokens
-    for name, m in (("model", model), ("draft_model", draft_model)):
-        if total > m.config.max_position_embeddings:
-            raise ValueError(
-                f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} must be at most {name}'s "
-                f"max_position_embeddings={m.config.max_position_embeddings}"
-            )
-    check_bool("use_cache", use_cache)
-    if attention_mask is not None:
-        check_tensor("attention_mask", attention_mask, shape=tuple(input_ids.shape))
-        if not attention_mask.bool().any(dim=-1).all():
-            raise ValueError("attention_mask must mark at least one token in every row, got an all-zero row")
-    check_number("temperature", temperature, low=0)
-    if top_k is not None:
-        check_positive_int("top_k", top_k)
-    if top_p is not None:
-        check_probability("top_p", top_p, low_open=True)
-    if eos_token_id is not None:
-        check_int("eos_token_id", eos_token_id, low=0, high=vocab, high_open=True)
-    check_generator("generator", generator)
+    check_inputs(
+        model, input_ids, max_new_tokens, use_cache, attention_mask, temperature, top_k, top_p, eos_token_id, generator
+    )
+    limit = draft_model.config.max_position_embeddings
+    if input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} must be at most draft_model's "
+            f"max_position_embeddings={limit}"
+        )
 
 
 def _layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, total: int):
