@@ -6,9 +6,13 @@ subtracts them when Python's weak reference to it dies. The CPU figure is theref
 the same code gives the same bytes on every run and every machine, which is what lets a CPU report show
 O(N^2) against O(N) or 16 bytes per parameter.
 
-Only storages created inside the block count; tensors that existed before it (weights, inputs) do not.
+Only storages created inside the block count; tensors that existed before it (weights, inputs) do not. Python's
+cyclic garbage collector runs once before the block and is paused during it: a tensor held only by a reference
+cycle then counts until the block ends, instead of until whenever the collector would have run (which depends on
+allocation counts, hence on the hash seed: a multi-rank row's peak moved by 3 KiB between runs before this).
 """
 
+import gc
 import weakref
 from dataclasses import dataclass, field
 
@@ -92,6 +96,9 @@ class MemoryMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
+            gc.collect()  # no earlier garbage is freed inside the block, and none is collected there (see above)
+            self._gc_enabled = gc.isenabled()
+            gc.disable()
             self._tracker = _StorageTracker(self.device.type)
             self._tracker.__enter__()
         return self
@@ -103,6 +110,8 @@ class MemoryMeter:
             self.current = torch.cuda.memory_allocated(self.device) - self._start
         else:
             self._tracker.__exit__(*exc)
+            if self._gc_enabled:
+                gc.enable()
             self.peak, self.current = self._tracker.peak, self._tracker.current
 
     @property
